@@ -1,0 +1,40 @@
+# Everyday verbs. `make` lists them. Every target first makes sure .venv matches uv.lock.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV := .venv
+UV_VERSION := 0.13.9
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export UV_PYTHON_DOWNLOADS := never
+
+.PHONY: help setup data-package repro test test-fast params lint
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.synced ## install the pinned environment into .venv (again only when pyproject.toml or uv.lock change)
+
+$(VENV)/.synced: pyproject.toml uv.lock
+	@test -x $(VENV)/bin/uv || { python3 -m venv $(VENV) && $(VENV)/bin/pip install -q "uv==$(UV_VERSION)"; }
+	uv sync --locked
+	@touch $@
+
+data-package: ## install Fashion-MNIST from the Debian package dataset-fashion-mnist, where apt and root are at hand
+	@if dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else echo "note: dataset-fashion-mnist not installed (needs apt and root); the download stage tries the official URLs"; fi
+
+repro: setup data-package ## set up, then run the whole pipeline (dvc repro, default profile)
+	dvc repro
+
+test: setup ## set up, then run every test, the slow end-to-end ones included
+	pytest
+
+test-fast: setup ## the tests without the slow end-to-end runs
+	pytest -m "not slow"
+
+params: setup ## regenerate params.yaml from conf/ (commit both)
+	python -m pipeline.config
+
+lint: setup ## ruff
+	ruff check pipeline tests

@@ -1,0 +1,26 @@
+"""The command-line entry shared by every stage: `python -m pipeline.stages.<name> [HYDRA OVERRIDES]`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from pipeline import config
+from pipeline.errors import PipelineError
+from pipeline.schema import Config
+
+log = logging.getLogger("pipeline")
+
+
+def stage_main(run: Callable[[Config], Any]) -> None:
+    """Load the validated config (params.yaml, or conf/ with overrides), run the stage, exit 2 on bad input."""
+    logging.basicConfig(level=os.environ.get("PIPELINE_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        run(config.load(overrides=sys.argv[1:]))
+    except PipelineError as e:
+        log.error("%s", e)
+        sys.exit(2)

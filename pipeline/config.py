@@ -1,0 +1,162 @@
+"""Load and validate the configuration every stage runs with.
+
+Stages read `params.yaml` (what DVC tracks, composed from `conf/` by DVC's Hydra integration). Given
+Hydra overrides (`python -m pipeline.stages.split data.val_size=0.2`), they compose `conf/` instead,
+for ad-hoc runs outside DVC. Either way the result is checked against `pipeline.schema` and any
+problem is raised as one `ConfigError` line naming the key and what is allowed.
+
+`python -m pipeline.config` rewrites `params.yaml` from `conf/` (`make params`), through DVC's own
+composition so the file is byte-for-byte what `dvc exp run` would write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+
+from pipeline.errors import ConfigError
+from pipeline.files import atomic_path
+from pipeline.schema import IDX_FILE_KEYS, Config
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+PARAMS_FILE = Path("params.yaml")
+
+
+def compose(overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> dict[str, Any]:
+    """Compose `conf/` with Hydra overrides, as DVC does for `dvc exp run -S`."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_dir(str(conf_dir.resolve()), version_base=None):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    except HydraException as e:
+        text = str(e).split("Config search path")[0]  # keep Hydra's message and its available options
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        raise ConfigError(f"{conf_dir}: {' '.join(lines)}") from None
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def load(path: Path = PARAMS_FILE, overrides: Sequence[str] = ()) -> Config:
+    """The validated configuration: `params.yaml`, or `conf/` composed with `overrides` if any."""
+    if overrides:
+        return validate(compose(overrides), source="conf/ + overrides")
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found; run `make params` to compose it from conf/") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    return validate(raw, source=str(path))
+
+
+def validate(raw: Any, source: str = "config") -> Config:
+    """Check `raw` (a plain dict) against the schema, its constraints and the cross-field rules."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
+        cfg = OmegaConf.to_object(merged)
+    except ConfigKeyError as e:
+        raise ConfigError(f"{source}: unknown key '{e.full_key}'{_allowed_keys(e)}") from None
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"{source}: {e.full_key} is missing; set it in conf/") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{source}: {e.full_key}: {str(e).splitlines()[0]}") from None
+    for message in _constraint_errors(cfg, "") + _cross_field_errors(cfg):
+        raise ConfigError(f"{source}: {message}")
+    return cfg
+
+
+def _allowed_keys(e: ConfigKeyError) -> str:
+    if e.object_type is None or not dataclasses.is_dataclass(e.object_type):
+        return ""
+    names = [f.name for f in dataclasses.fields(e.object_type)]
+    return f"; allowed: {', '.join(names)}" if names else "; this section takes no keys yet"
+
+
+def _constraint_errors(node: Any, prefix: str) -> list[str]:
+    """Walk the dataclass tree and check each field's `choices` / bounds metadata."""
+    errors: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            errors += _constraint_errors(value, f"{prefix}{key}.")
+        return errors
+    if not dataclasses.is_dataclass(node):
+        return errors
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        errors += _constraint_errors(value, key + ".")
+        if value is None or not f.metadata:
+            continue
+        meta = f.metadata
+        if "choices" in meta and value not in meta["choices"]:
+            allowed = ", ".join(map(str, meta["choices"]))
+            errors.append(f"{key}={value!r} is not allowed; choose one of: {allowed}")
+        for op, ok, word in (("ge", value.__ge__, ">="), ("gt", value.__gt__, ">"),
+                             ("le", value.__le__, "<="), ("lt", value.__lt__, "<")):
+            if op in meta and not ok(meta[op]):
+                errors.append(f"{key}={value!r} is out of range; it must be {word} {meta[op]}")
+    return errors
+
+
+def _cross_field_errors(cfg: Config) -> list[str]:
+    data, errors = cfg.data, []
+    if len(data.image_size) != 2 or min(data.image_size) < 8:
+        errors.append(f"data.image_size={data.image_size} must be [height, width], each >= 8")
+    if data.format == "idx":
+        if sorted(data.files) != sorted(IDX_FILE_KEYS):
+            errors.append(f"data.files must have exactly the keys {', '.join(IDX_FILE_KEYS)} for format idx")
+        for key, spec in data.files.items():
+            if not (spec.sha256 or spec.md5):
+                errors.append(f"data.files.{key} needs a sha256 (of the content) or md5 (of the .gz)")
+        if data.test_size is not None:
+            errors.append("data.test_size must be null for format idx: the official test set is the test set")
+        if len(data.classes) < 2:
+            errors.append("data.classes must name the classes in label order for format idx")
+    else:
+        if data.test_size is None:
+            errors.append("data.test_size is required for format image_folder (a fraction in (0, 1))")
+        elif data.val_size + data.test_size >= 1:
+            errors.append(f"data.val_size + data.test_size = {data.val_size + data.test_size:g} must be < 1")
+        if not data.source and not data.mirrors:
+            errors.append("data.source must point at a folder (or archive) of class sub-folders for image_folder")
+        if set(data.files) - {"archive"}:
+            errors.append("data.files takes only an optional 'archive' entry for format image_folder")
+    return errors
+
+
+def write_params(path: Path = PARAMS_FILE, overrides: Sequence[str] = ()) -> None:
+    """Compose `conf/` into `path` with DVC's own writer, via a temporary file (validated first)."""
+    from dvc.utils.hydra import compose_and_dump
+
+    validate(compose(overrides), source="conf/")
+    with atomic_path(Path(path)) as tmp:
+        # DVC picks its writer by suffix, so write a .yaml beside the temporary name, then take its place
+        compose_and_dump(tmp.with_suffix(".yaml"), str(CONF_DIR), None, "config", str(CONF_DIR.parent),
+                         list(overrides))
+        tmp.with_suffix(".yaml").rename(tmp)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m pipeline.config [OVERRIDES]`: regenerate params.yaml from conf/."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        write_params(overrides=args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {PARAMS_FILE} from conf/" + (f" with {' '.join(args)}" if args else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

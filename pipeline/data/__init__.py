@@ -1,0 +1,1 @@
+"""Data: fetching raw files, splitting them, and loading the splits for training."""

@@ -1,0 +1,103 @@
+"""The shape of the configuration: types, allowed values and ranges, and no defaults.
+
+Every value lives in `conf/` (composed into `params.yaml`); this module only says what a valid value
+is, so that a typo or an out-of-range number fails in one line before any work starts. Constraints
+sit in field metadata and are checked by `pipeline.config`, which knows each field's dotted key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+
+def setting(*, choices: tuple | None = None, ge=None, gt=None, le=None, lt=None, optional=False) -> Any:
+    """A required field with optional constraints, checked in `pipeline.config.check_constraints`."""
+    meta = {k: v for k, v in dict(choices=choices, ge=ge, gt=gt, le=le, lt=lt).items() if v is not None}
+    return field(default=None if optional else MISSING, metadata=meta)
+
+
+IDX_FILE_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
+
+
+@dataclass
+class SourceFile:
+    """One file of a data set, as stored (uncompressed) in `data/raw/`."""
+
+    name: str = setting()
+    sha256: Optional[str] = setting(optional=True)  # of the uncompressed content: same from every mirror
+    md5: Optional[str] = setting(optional=True)  # of the official .gz: used where sha256 is not known
+
+
+@dataclass
+class DataConfig:
+    name: str = setting()
+    format: str = setting(choices=("idx", "image_folder"))
+    source: Optional[str] = setting(optional=True)  # a directory (or archive) tried before the mirrors
+    mirrors: list[str] = setting()
+    files: dict[str, SourceFile] = setting()
+    apt_package: Optional[str] = setting(optional=True)
+    classes: list[str] = setting()
+    image_size: list[int] = setting()
+    channels: int = setting(choices=(1, 3))
+    val_size: float = setting(gt=0.0, lt=1.0)
+    test_size: Optional[float] = setting(gt=0.0, lt=1.0, optional=True)
+    limit_train: Optional[int] = setting(ge=10, optional=True)
+    limit_test: Optional[int] = setting(ge=10, optional=True)
+    on_corrupt: str = setting(choices=("error", "skip"))
+    retries: int = setting(ge=1, le=10)
+    timeout_s: float = setting(gt=0.0)
+
+
+@dataclass
+class BaselineConfig:
+    """Filled in with the baseline stage."""
+
+
+@dataclass
+class CnnConfig:
+    """Filled in with the cnn stage."""
+
+
+@dataclass
+class AugmentConfig:
+    """Filled in with the cnn_aug stage."""
+
+
+@dataclass
+class TransferConfig:
+    """Filled in with the transfer stage."""
+
+
+@dataclass
+class FinetuneConfig:
+    """Filled in with the finetune stage."""
+
+
+@dataclass
+class TunerConfig:
+    kind: str = setting(choices=("random", "bayesian", "hyperband"))
+    objective: str = setting(choices=("val_accuracy", "val_loss"))
+    max_trials: int = setting(ge=1)
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = setting(optional=True)  # null: SQLite store under the main repository's mlruns/
+    experiment: Optional[str] = setting(optional=True)  # null: the data set's name
+
+
+@dataclass
+class Config:
+    seed: int = setting(ge=0)
+    profile: str = setting(choices=("smoke", "cpu", "gpu"))
+    data: DataConfig = field(default_factory=DataConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    cnn: CnnConfig = field(default_factory=CnnConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    tuner: TunerConfig = field(default_factory=TunerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)

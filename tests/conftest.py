@@ -1,0 +1,131 @@
+"""Shared fixtures: tiny real data sets written by the tests, the real conf/ composed with small overrides."""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import hashlib
+import http.server
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import config
+from pipeline.data.idx import write_idx
+from pipeline.schema import Config
+
+REPO = Path(__file__).resolve().parent.parent
+IDX_NAMES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
+             "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
+
+
+def make_images(labels: np.ndarray, size: int = 28, channels: int | None = None, seed: int = 0) -> np.ndarray:
+    """Noise plus a bright square whose position says the class: learnable, like a real data set."""
+    rng = np.random.default_rng(seed)
+    shape = (len(labels), size, size) + ((channels,) if channels else ())
+    x = rng.integers(0, 60, size=shape, dtype=np.uint8)
+    step = size // 4
+    for i, label in enumerate(labels):
+        r, c = divmod(int(label) % 12, 4)
+        x[i, r * step:(r + 1) * step, c * step:(c + 1) * step] = 220
+    return x
+
+
+@dataclass
+class IdxData:
+    """An IDX data set on disk: its directory, the content digests, and the arrays written."""
+
+    directory: Path
+    sha256: dict[str, str]
+    arrays: dict[str, np.ndarray]
+
+    def overrides(self, *extra: str) -> list[str]:
+        """Hydra overrides that point the real Fashion-MNIST config at this data."""
+        sums = [f"data.files.{key}.sha256={digest}" for key, digest in self.sha256.items()]
+        return [f"data.source={self.directory}", "data.mirrors=[]", *sums, *extra]
+
+
+def write_idx_dataset(directory: Path, n_train: int = 300, n_test: int = 100, gz: bool = True,
+                      seed: int = 0) -> IdxData:
+    """Write the four IDX files of a 10-class data set of 28x28 images; return where and their digests."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    y_train, y_test = np.arange(n_train) % 10, np.arange(n_test) % 10
+    rng.shuffle(y_train)
+    arrays = {"train_images": make_images(y_train, seed=seed), "train_labels": y_train.astype(np.uint8),
+              "test_images": make_images(y_test, seed=seed + 1), "test_labels": y_test.astype(np.uint8)}
+    sha256 = {}
+    for key, array in arrays.items():
+        path = directory / (IDX_NAMES[key] + (".gz" if gz else ""))
+        write_idx(path, array)
+        raw = gzip.decompress(path.read_bytes()) if gz else path.read_bytes()
+        sha256[key] = hashlib.sha256(raw).hexdigest()
+    return IdxData(directory, sha256, arrays)
+
+
+@pytest.fixture
+def idx_data(tmp_path: Path) -> IdxData:
+    return write_idx_dataset(tmp_path / "source")
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty working directory standing in for the repository root that DVC runs stages in."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    monkeypatch.chdir(root)
+    return root
+
+
+def load_config(*overrides: str) -> Config:
+    """The real conf/ composed with overrides, validated as a stage would see it."""
+    return config.load(overrides=["profile=smoke", *overrides])
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (the http.server API)
+        server: FileServer = self.server  # type: ignore[assignment]
+        server.hits[self.path] += 1
+        body = server.routes.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        extra = 1000 if self.path in server.cut_short else 0  # promise more than is sent, then hang up
+        self.send_header("Content-Length", str(len(body) + extra))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+class FileServer(http.server.ThreadingHTTPServer):
+    """A real HTTP server on loopback serving bytes by path, counting requests."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.routes: dict[str, bytes] = {}
+        self.cut_short: set[str] = set()
+        self.hits: collections.Counter[str] = collections.Counter()
+
+    def url(self, prefix: str) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/{prefix.strip('/')}/"
+
+    def serve_dir(self, prefix: str, directory: Path) -> str:
+        for path in directory.iterdir():
+            self.routes[f"/{prefix}/{path.name}"] = path.read_bytes()
+        return self.url(prefix)
+
+
+@pytest.fixture
+def file_server():
+    server = FileServer()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()

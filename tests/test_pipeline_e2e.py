@@ -1,0 +1,79 @@
+"""End to end: real DVC with Hydra composition in a temporary copy of the repository, on tiny data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, write_idx_dataset
+
+pytestmark = pytest.mark.slow
+
+COPIED = ["conf", "pipeline", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
+
+
+def run(cwd: Path, *args: str) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
+           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost"}
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A git + DVC repository holding this project's pipeline and a tiny data set config of its own."""
+    root = tmp_path / "repo"
+    for name in COPIED:
+        src, dest = REPO / name, root / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir()
+         else shutil.copy2(src, dest))
+    data = write_idx_dataset(tmp_path / "tiny-source")
+    tiny = yaml.safe_load((REPO / "conf/data/fashion_mnist.yaml").read_text())
+    tiny.update(name="tiny", source=str(data.directory), mirrors=[], apt_package=None)
+    for key, digest in data.sha256.items():
+        tiny["files"][key].update(sha256=digest, md5=None)
+    (root / "conf/data/tiny.yaml").write_text(yaml.safe_dump(tiny, sort_keys=False))
+    run(root, "git", "init", "-q")
+    run(root, "git", "add", "-A")
+    run(root, "git", "commit", "-q", "-m", "pipeline")
+    return root
+
+
+def test_dvc_exp_run_composes_config_and_reruns_only_what_changed(repo):
+    out = run(repo, "dvc", "exp", "run", "-S", "data=tiny", "-S", "profile=smoke")
+    assert "Running stage 'download'" in out and "Running stage 'split'" in out
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert (params["data"]["name"], params["profile"]) == ("tiny", "smoke")  # DVC composed conf/
+    assert json.loads((repo / "metrics/split.json").read_text())["size"] == {"train": 270, "val": 30, "test": 100}
+    assert (repo / "data/split/train/x.npy").is_file()
+    assert "up to date" in run(repo, "dvc", "status")
+
+    # nothing changed: nothing runs
+    out = run(repo, "dvc", "repro")
+    assert "Running stage" not in out
+
+    # a value that only the split stage reads: only split reruns
+    out = run(repo, "dvc", "exp", "run", "-S", "data=tiny", "-S", "profile=smoke", "-S", "data.val_size=0.2")
+    assert "Stage 'download' didn't change, skipping" in out and "Running stage 'split'" in out
+    assert json.loads((repo / "metrics/split.json").read_text())["size"]["val"] == 60
+
+    # an edit in conf/ reaches DVC through the composition, too
+    tiny = repo / "conf/data/tiny.yaml"
+    tiny.write_text(tiny.read_text().replace("val_size: 0.1", "val_size: 0.3"))
+    out = run(repo, "dvc", "exp", "run", "-S", "data=tiny", "-S", "profile=smoke")
+    assert "Stage 'download' didn't change, skipping" in out and "Running stage 'split'" in out
+    assert json.loads((repo / "metrics/split.json").read_text())["size"]["val"] == 90
+
+    shown = json.loads(run(repo, "dvc", "exp", "show", "--json"))
+    baseline = next(entry for entry in shown if entry["rev"] != "workspace")
+    assert len(baseline["experiments"]) == 3  # `dvc exp show` lists every experiment
