@@ -1,0 +1,5 @@
+"""Image-classification pipeline: DVC stages, Hydra config, keras-tuner search, MLflow tracking."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter hides the stage logs

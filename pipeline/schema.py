@@ -52,18 +52,53 @@ class DataConfig:
 
 
 @dataclass
+class TrainConfig:
+    """How a Keras stage trains: the one fit loop in `pipeline.training` reads this."""
+
+    epochs: int = setting(ge=1)
+    batch_size: int = setting(ge=1)
+    optimizer: str = setting(choices=("adam", "adamw", "sgd"))
+    lr: float = setting(gt=0.0, le=1.0)
+    weight_decay: float = setting(ge=0.0)
+    lr_schedule: str = setting(choices=("plateau", "cosine", "constant"))
+    patience: int = setting(ge=1)  # epochs without a better val_accuracy before stopping
+
+
+@dataclass
 class BaselineConfig:
-    """Filled in with the baseline stage."""
+    C: float = setting(gt=0.0)  # inverse regularisation strength
+    max_iter: int = setting(ge=1)
+    solver: str = setting(choices=("lbfgs", "saga", "newton-cg", "sag"))
 
 
 @dataclass
 class CnnConfig:
-    """Filled in with the cnn stage."""
+    blocks: int = setting(ge=1, le=5)  # conv blocks, each ending in max pooling
+    filters: int = setting(ge=1)  # of the first block; doubled in each later block
+    convs_per_block: int = setting(ge=1, le=4)
+    kernel_size: int = setting(choices=(3, 5, 7))
+    batch_norm: bool = setting()
+    dropout: float = setting(ge=0.0, lt=1.0)
+    dense_units: int = setting(ge=1)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 @dataclass
 class AugmentConfig:
-    """Filled in with the cnn_aug stage."""
+    """Augmentation layers, active only in training (cnn_aug, finetune); 0 or false turns one off."""
+
+    flip: bool = setting()  # horizontal
+    translate: float = setting(ge=0.0, le=0.5)  # fraction of height and width
+    zoom: float = setting(ge=0.0, le=0.5)
+    rotation: float = setting(ge=0.0, le=0.5)  # fraction of a full turn
+    erasing: float = setting(ge=0.0, le=1.0)  # chance of erasing a random rectangle
+
+
+@dataclass
+class CnnAugConfig:
+    """The cnn architecture (section `cnn`) trained with augmentation (section `augment`)."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 @dataclass
@@ -97,6 +132,7 @@ class Config:
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     cnn: CnnConfig = field(default_factory=CnnConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    cnn_aug: CnnAugConfig = field(default_factory=CnnAugConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     tuner: TunerConfig = field(default_factory=TunerConfig)

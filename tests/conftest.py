@@ -129,3 +129,23 @@ def file_server():
     yield server
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def split_data(idx_data, workdir):
+    """A workdir whose data/split/ holds the tiny IDX data set, made by the real download and split stages."""
+    from pipeline.stages import download, split
+
+    cfg = load_config(*idx_data.overrides())
+    download.run(cfg)
+    split.run(cfg)
+    return cfg
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same random state."""
+    import random
+
+    random.seed(0)
+    np.random.seed(0)

@@ -47,7 +47,8 @@ def test_checksum_mismatch_falls_through_to_the_next_mirror(idx_data, file_serve
 
 def test_only_a_bad_mirror_is_an_error_naming_the_mismatch(idx_data, file_server, tmp_path):
     bad = write_idx_dataset(tmp_path / "bad", seed=7)
-    cfg = load_config(*idx_data.overrides(), "data.source=null", f"data.mirrors=[{file_server.serve_dir('b', bad.directory)}]")
+    url = file_server.serve_dir("b", bad.directory)
+    cfg = load_config(*idx_data.overrides(), "data.source=null", f"data.mirrors=[{url}]")
     with pytest.raises(DataError, match="checksum mismatch"):
         fetch_files(cfg.data, tmp_path / "raw", backoff_s=0)
     assert not (tmp_path / "raw" / IDX_NAMES["train_images"]).exists()  # nothing unverified is left
@@ -105,7 +106,8 @@ def test_md5_of_the_official_archive_verifies_when_no_sha256_is_known(idx_data, 
 
     md5 = {k: hashlib.md5((idx_data.directory / f"{IDX_NAMES[k]}.gz").read_bytes()).hexdigest() for k in IDX_NAMES}
     overrides = [f"data.source={idx_data.directory}", "data.mirrors=[]"]
-    overrides += [f"data.files.{k}.sha256=null" for k in IDX_NAMES] + [f"data.files.{k}.md5={v}" for k, v in md5.items()]
+    overrides += [f"data.files.{k}.sha256=null" for k in IDX_NAMES]
+    overrides += [f"data.files.{k}.md5={v}" for k, v in md5.items()]
     raw = tmp_path / "raw"
     fetch_files(load_config(*overrides).data, raw, backoff_s=0)
     assert_complete(raw, idx_data.sha256)  # the content digest is recorded for later resumes

@@ -49,9 +49,15 @@ def repo(tmp_path: Path) -> Path:
     return root
 
 
+SMALL = ["-S", "data=tiny", "-S", "profile=smoke", "-S", "cnn.filters=8", "-S", "cnn.dense_units=16"]
+MODEL_STAGES = ("baseline", "cnn", "cnn_aug")
+
+
 def test_dvc_exp_run_composes_config_and_reruns_only_what_changed(repo):
-    out = run(repo, "dvc", "exp", "run", "-S", "data=tiny", "-S", "profile=smoke")
-    assert "Running stage 'download'" in out and "Running stage 'split'" in out
+    out = run(repo, "dvc", "exp", "run", *SMALL)
+    for stage in ("download", "split", *MODEL_STAGES):
+        assert f"Running stage '{stage}'" in out
+        assert stage == "download" or (repo / "metrics" / f"{stage}.json").is_file()
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert (params["data"]["name"], params["profile"]) == ("tiny", "smoke")  # DVC composed conf/
     assert json.loads((repo / "metrics/split.json").read_text())["size"] == {"train": 270, "val": 30, "test": 100}
@@ -63,17 +69,29 @@ def test_dvc_exp_run_composes_config_and_reruns_only_what_changed(repo):
     assert "Running stage" not in out
 
     # a value that only the split stage reads: only split reruns
-    out = run(repo, "dvc", "exp", "run", "-S", "data=tiny", "-S", "profile=smoke", "-S", "data.val_size=0.2")
+    out = run(repo, "dvc", "exp", "run", *SMALL, "-S", "data.val_size=0.2")
     assert "Stage 'download' didn't change, skipping" in out and "Running stage 'split'" in out
     assert json.loads((repo / "metrics/split.json").read_text())["size"]["val"] == 60
 
     # an edit in conf/ reaches DVC through the composition, too
     tiny = repo / "conf/data/tiny.yaml"
     tiny.write_text(tiny.read_text().replace("val_size: 0.1", "val_size: 0.3"))
-    out = run(repo, "dvc", "exp", "run", "-S", "data=tiny", "-S", "profile=smoke")
+    out = run(repo, "dvc", "exp", "run", *SMALL)
     assert "Stage 'download' didn't change, skipping" in out and "Running stage 'split'" in out
     assert json.loads((repo / "metrics/split.json").read_text())["size"]["val"] == 90
 
+    # a model stage's own setting: only that stage reruns
+    out = run(repo, "dvc", "exp", "run", *SMALL, "-S", "baseline.C=0.5")
+    assert "Running stage 'baseline'" in out
+    for stage in ("download", "split", "cnn", "cnn_aug"):
+        assert f"Stage '{stage}' didn't change, skipping" in out
+
+    # metrics and plots are where dvc finds them
+    assert set(json.loads(run(repo, "dvc", "metrics", "show", "--json"))[""]["data"]) >= {
+        f"metrics/{stage}.json" for stage in ("split", *MODEL_STAGES)}
+    run(repo, "dvc", "plots", "show", "-o", "plots-html")
+    assert (repo / "plots-html" / "index.html").is_file()
+
     shown = json.loads(run(repo, "dvc", "exp", "show", "--json"))
     baseline = next(entry for entry in shown if entry["rev"] != "workspace")
-    assert len(baseline["experiments"]) == 3  # `dvc exp show` lists every experiment
+    assert len(baseline["experiments"]) == 4  # `dvc exp show` lists every experiment

@@ -10,8 +10,8 @@ is recorded in `SHA256SUMS`. A file already present with the right digest is not
 from __future__ import annotations
 
 import gzip
-import http.client
 import hashlib
+import http.client
 import logging
 import shutil
 import tempfile

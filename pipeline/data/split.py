@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,25 @@ def load_split(name: str, root: Path) -> Arrays:
 def load_classes(root: Path) -> list[str]:
     """The class names, in label order."""
     return json.loads((root / "meta.json").read_text(encoding="utf-8"))["classes"]
+
+
+@dataclass
+class Splits:
+    """Everything a model stage reads: the three splits, in memory, and the class names."""
+
+    train: Arrays
+    val: Arrays
+    test: Arrays
+    classes: list[str]
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.train[0].shape[1:])
+
+
+def load_splits(root: Path) -> Splits:
+    arrays = [tuple(np.asarray(a) for a in load_split(name, root)) for name in SPLITS]
+    return Splits(*arrays, classes=load_classes(root))
 
 
 def class_counts(splits: dict[str, Arrays], classes: list[str]) -> dict[str, dict[str, int]]:

@@ -1,0 +1,24 @@
+"""Augmentation layers from the `augment` config: active in training, identity at inference."""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+from pipeline.schema import AugmentConfig
+
+
+def build_augmentation(cfg: AugmentConfig, seed: int) -> keras.Sequential:
+    """The configured random transforms, in a fixed order (geometry, then erasing)."""
+    steps = []
+    if cfg.flip:
+        steps.append(layers.RandomFlip("horizontal", seed=seed))
+    if cfg.translate:
+        steps.append(layers.RandomTranslation(cfg.translate, cfg.translate, fill_mode="constant", seed=seed))
+    if cfg.zoom:
+        steps.append(layers.RandomZoom(cfg.zoom, fill_mode="constant", seed=seed))
+    if cfg.rotation:
+        steps.append(layers.RandomRotation(cfg.rotation, fill_mode="constant", seed=seed))
+    if cfg.erasing:
+        steps.append(layers.RandomErasing(factor=cfg.erasing, value_range=(0, 255), seed=seed))
+    return keras.Sequential(steps, name="augmentation")

@@ -1,0 +1,128 @@
+"""The one fit loop of every Keras stage: optimizer and schedule from config, early stopping on the
+validation split, best weights kept, and resume after an interruption.
+
+State lives in the stage's work directory (`models/.work/<stage>/`, outside DVC's outputs, which DVC
+deletes before a stage runs): `BackupAndRestore` saves the model and optimizer each epoch,
+`history.csv` grows across resumes, and the best weights so far are checkpointed, so a killed run
+started again continues from its last finished epoch and still ends with the best epoch's weights.
+The state is keyed by a fingerprint of the run's settings: other settings start afresh.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from pipeline.data.split import Splits
+from pipeline.outputs import predict_timed, save_keras_model, write_stage_outputs
+from pipeline.paths import work_dir
+from pipeline.schema import TrainConfig
+
+log = logging.getLogger(__name__)
+
+MONITOR = "val_accuracy"
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]]  # one row per epoch, resumed epochs included
+    fit_seconds: float  # of this process's training (not counting earlier, interrupted runs)
+    best_epoch: int
+
+
+def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    lr = cfg.lr
+    if cfg.lr_schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=cfg.epochs * steps_per_epoch)
+    if cfg.optimizer == "sgd":
+        return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay or None)
+    if cfg.optimizer == "adamw":
+        return keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay)
+    return keras.optimizers.Adam(lr, weight_decay=cfg.weight_decay or None)
+
+
+def compile_model(model: keras.Model, cfg: TrainConfig, n_train: int) -> None:
+    model.compile(optimizer=make_optimizer(cfg, math.ceil(n_train / cfg.batch_size)),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+
+
+class _LogLearningRate(keras.callbacks.Callback):
+    """Put the epoch's learning rate into the logs (schedules included), before the CSV logger reads them."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+
+def fit(model: keras.Model, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
+        cfg: TrainConfig, work_dir: Path, fingerprint: str, verbose: int | str = "auto") -> FitResult:
+    """Train a compiled model; resume from `work_dir` if an earlier run with the same fingerprint was cut short."""
+    key_file = work_dir / "fingerprint"
+    if work_dir.exists() and (not key_file.is_file() or key_file.read_text() != fingerprint):
+        log.info("%s holds state of other settings: starting afresh", work_dir)
+        clear_work_dir(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(fingerprint)
+    history_csv, best_weights = work_dir / "history.csv", work_dir / "best.weights.h5"
+    previous = read_history(history_csv)
+    best_so_far = max((row[MONITOR] for row in previous), default=None)
+    if previous:
+        log.info("resuming after epoch %d (best %s so far %.4f)", len(previous), MONITOR, best_so_far)
+    callbacks = [
+        _LogLearningRate(),
+        keras.callbacks.BackupAndRestore(str(work_dir / "backup")),
+        keras.callbacks.CSVLogger(str(history_csv), append=True),
+        keras.callbacks.ModelCheckpoint(str(best_weights), monitor=MONITOR, mode="max", save_best_only=True,
+                                        save_weights_only=True, initial_value_threshold=best_so_far),
+        keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.patience),
+    ]
+    if cfg.lr_schedule == "plateau":
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=MONITOR, mode="max", factor=0.5,
+                                                           patience=max(1, cfg.patience // 2), min_lr=cfg.lr / 64))
+    start = time.perf_counter()
+    model.fit(np.asarray(train[0]), np.asarray(train[1]), validation_data=(np.asarray(val[0]), np.asarray(val[1])),
+              epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True, callbacks=callbacks, verbose=verbose)
+    seconds = time.perf_counter() - start
+    if best_weights.exists():
+        model.load_weights(best_weights)
+    history = read_history(history_csv)
+    best_epoch = int(np.argmax([row[MONITOR] for row in history])) if history else -1
+    return FitResult(history=history, fit_seconds=seconds, best_epoch=best_epoch)
+
+
+def read_history(path: Path) -> list[dict[str, float]]:
+    """The per-epoch rows a CSVLogger wrote; empty if none."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as fh:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def clear_work_dir(work_dir: Path) -> None:
+    """Forget an earlier run's state, once its results are written."""
+    shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def run_keras_stage(stage: str, model: keras.Model, cfg: TrainConfig, splits: Splits, fingerprint: str) -> dict:
+    """Compile, fit (resumably), evaluate once on the test split, write the stage's outputs and model."""
+    compile_model(model, cfg, len(splits.train[1]))
+    result = fit(model, splits.train, splits.val, cfg, work_dir(stage), fingerprint)
+    x_test, y_test = splits.test
+    y_prob, speed = predict_timed(lambda x: model.predict(x, batch_size=512, verbose=0), x_test)
+    metrics = write_stage_outputs(stage, y_test, y_prob, splits.classes, history=result.history,
+                                  val_accuracy=result.history[result.best_epoch][MONITOR],
+                                  fit_seconds=result.fit_seconds, parameters=model.count_params(),
+                                  images_per_second=speed)
+    save_keras_model(stage, model)
+    clear_work_dir(work_dir(stage))
+    log.info("%s: test accuracy %.4f (val %.4f, best epoch %d of %d)", stage, metrics["test"]["accuracy"],
+             metrics["val_accuracy"], result.best_epoch + 1, len(result.history))
+    return metrics

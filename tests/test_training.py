@@ -1,0 +1,83 @@
+"""The fit loop: real Keras training on tiny data, best weights kept, resume after an interruption."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline.data.split import load_splits
+from pipeline.models.cnn import build_cnn_from
+from pipeline.paths import SPLIT_DIR
+from pipeline.training import compile_model, fit, read_history
+from tests.conftest import load_config
+
+
+class Interrupt(Exception):
+    pass
+
+
+class StopAfter(keras.callbacks.Callback):
+    """Dies at the end of an epoch, as a killed process would (after the epoch's state was saved)."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.epochs:
+            raise Interrupt
+
+
+def make_model(cfg, splits):
+    keras.utils.set_random_seed(cfg.seed)
+    model = build_cnn_from(cfg.cnn, splits.image_shape, len(splits.classes))
+    compile_model(model, cfg.cnn.train, len(splits.train[1]))
+    return model
+
+
+@pytest.fixture
+def setup(split_data, tmp_path):
+    cfg = load_config("cnn.filters=4", "cnn.blocks=1", "cnn.dense_units=8", "cnn.train.epochs=4",
+                      "cnn.train.patience=10", "cnn.train.batch_size=64")
+    return cfg, load_splits(SPLIT_DIR), tmp_path / "work"
+
+
+def with_callbacks(model, *extra):
+    """Make `model.fit` run `extra` callbacks besides those the fit loop passes."""
+    original = model.fit
+    model.fit = lambda *args, callbacks=(), **kwargs: original(*args, callbacks=[*callbacks, *extra], **kwargs)
+    return model
+
+
+def test_interrupted_fit_resumes_from_the_last_finished_epoch(setup):
+    cfg, splits, work = setup
+    with pytest.raises(Interrupt):
+        fit(with_callbacks(make_model(cfg, splits), StopAfter(2)), splits.train, splits.val, cfg.cnn.train, work,
+            fingerprint="a", verbose=0)
+    assert len(read_history(work / "history.csv")) == 2
+
+    epochs_run = []
+    counter = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: epochs_run.append(epoch))
+    result = fit(with_callbacks(make_model(cfg, splits), counter), splits.train, splits.val, cfg.cnn.train, work,
+                 fingerprint="a", verbose=0)
+    assert epochs_run == [2, 3]  # epochs 0 and 1 are not trained again
+    assert [row["epoch"] for row in result.history] == [0, 1, 2, 3]
+
+
+def test_state_of_other_settings_is_not_resumed(setup):
+    cfg, splits, work = setup
+    fit(make_model(cfg, splits), splits.train, splits.val, cfg.cnn.train, work, fingerprint="a", verbose=0)
+    result = fit(make_model(cfg, splits), splits.train, splits.val, cfg.cnn.train, work, fingerprint="b", verbose=0)
+    assert len(result.history) == 4
+
+
+def test_best_epoch_weights_are_kept(setup):
+    cfg, splits, work = setup
+    model = make_model(cfg, splits)
+    result = fit(model, splits.train, splits.val, cfg.cnn.train, work, fingerprint="a", verbose=0)
+    _, accuracy = model.evaluate(*splits.val, verbose=0)
+    best = max(row["val_accuracy"] for row in result.history)
+    assert accuracy == pytest.approx(best, abs=1e-6)
+    assert result.history[result.best_epoch]["val_accuracy"] == best
+    assert all(np.isfinite(row["learning_rate"]) for row in result.history)
