@@ -140,10 +140,7 @@ def write_params(path: Path = PARAMS_FILE, overrides: Sequence[str] = ()) -> Non
 
     validate(compose(overrides), source="conf/")
     with atomic_path(Path(path)) as tmp:
-        # DVC picks its writer by suffix, so write a .yaml beside the temporary name, then take its place
-        compose_and_dump(tmp.with_suffix(".yaml"), str(CONF_DIR), None, "config", str(CONF_DIR.parent),
-                         list(overrides))
-        tmp.with_suffix(".yaml").rename(tmp)
+        compose_and_dump(tmp, str(CONF_DIR), None, "config", str(CONF_DIR.parent), list(overrides))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

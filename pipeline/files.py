@@ -18,7 +18,8 @@ def atomic_path(dest: Path, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary file (or directory) beside `dest`; move it onto `dest` only if the block succeeds."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    # keep the destination's suffix: some writers (Model.save, DVC's dumpers) choose the format by it
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=dest.suffix or ".tmp", dir=dest.parent))
     if directory:
         umask = os.umask(0)
         os.umask(umask)

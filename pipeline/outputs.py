@@ -62,6 +62,5 @@ def save_keras_model(stage: str, model) -> Path:
     """models/<stage>/model.keras, written atomically."""
     path = model_dir(stage) / "model.keras"
     with atomic_path(path) as tmp:
-        model.save(tmp.with_suffix(".keras"))  # Keras insists on the extension
-        tmp.with_suffix(".keras").rename(tmp)
+        model.save(tmp)
     return path
