@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: help setup data-package repro test test-fast params lint
+.PHONY: help setup data-package browser repro test test-fast ui compare params lint
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -15,7 +15,7 @@ setup: $(VENV)/.synced ## install the pinned environment into .venv (again only 
 
 $(VENV)/.synced: pyproject.toml uv.lock
 	@test -x $(VENV)/bin/uv || { python3 -m venv $(VENV) && $(VENV)/bin/pip install -q "uv==$(UV_VERSION)"; }
-	uv sync --locked
+	uv sync --locked --compile-bytecode  # imports then read .pyc files, also where PYTHONDONTWRITEBYTECODE is set
 	@touch $@
 
 data-package: ## install Fashion-MNIST from the Debian package dataset-fashion-mnist, where apt and root are at hand
@@ -24,17 +24,29 @@ data-package: ## install Fashion-MNIST from the Debian package dataset-fashion-m
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
 	else echo "note: dataset-fashion-mnist not installed (needs apt and root); the download stage tries the official URLs"; fi
 
+browser: ## install Chromium and ChromeDriver (Debian packages) for the UI's browser test, where apt and root are at hand
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else echo "note: chromium and chromium-driver not installed (needs apt and root); the browser test will fail"; fi
+
 repro: setup data-package ## set up, then run the whole pipeline (dvc repro, default profile)
 	dvc repro
 
-test: setup ## set up, then run every test, the slow end-to-end ones included
+test: setup browser ## set up, then run every test, the slow end-to-end ones included
 	pytest
 
 test-fast: setup ## the tests without the slow end-to-end runs
 	pytest -m "not slow"
 
+ui: setup ## the MLflow UI on the project's store: http://127.0.0.1:5000 (loopback; conf/tracking)
+	python -m pipeline.ui
+
+compare: setup ## two runs side by side: make compare A=cnn B=cnn_aug (run ids or stage names)
+	python -m pipeline.compare $(A) $(B)
+
 params: setup ## regenerate params.yaml from conf/ (commit both)
 	python -m pipeline.config
 
 lint: setup ## ruff
-	ruff check pipeline tests
+	ruff check pipeline tests bench

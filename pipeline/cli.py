@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from pipeline import config
+from pipeline import config, tracking
 from pipeline.errors import PipelineError
 from pipeline.schema import Config
 
@@ -16,11 +16,22 @@ log = logging.getLogger("pipeline")
 
 
 def stage_main(run: Callable[[Config], Any]) -> None:
-    """Load the validated config (params.yaml, or conf/ with overrides), run the stage, exit 2 on bad input."""
+    """Load the validated config (params.yaml, or conf/ with overrides), run the stage inside its MLflow run,
+    exit 2 on bad input."""
     logging.basicConfig(level=os.environ.get("PIPELINE_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        run(config.load(overrides=sys.argv[1:]))
+        cfg = config.load(overrides=sys.argv[1:])
+        with tracking.stage_run(stage_name(run), cfg):
+            run(cfg)
     except PipelineError as e:
         log.error("%s", e)
         sys.exit(2)
+
+
+def stage_name(run: Callable) -> str:
+    """The stage a `run` belongs to: its module's last name (`python -m` runs it as __main__)."""
+    module = run.__module__
+    if module == "__main__":
+        module = sys.modules["__main__"].__spec__.name
+    return module.rsplit(".", 1)[-1]

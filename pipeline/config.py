@@ -131,6 +131,17 @@ def _cross_field_errors(cfg: Config) -> list[str]:
             errors.append("data.source must point at a folder (or archive) of class sub-folders for image_folder")
         if set(data.files) - {"archive"}:
             errors.append("data.files takes only an optional 'archive' entry for format image_folder")
+    from pipeline.tuning import parse_space, tunable_names  # here: tuning needs this module's users loaded
+
+    for stage in ("cnn", "transfer", "finetune"):
+        section = getattr(cfg, stage)
+        try:
+            parse_space(section.search.space, f"{stage}.search.space", tunable_names(section))
+        except ConfigError as e:
+            errors.append(str(e))
+    if cfg.transfer.weights == "hed" and cfg.transfer.backbone != "vgg16":
+        errors.append(f"transfer.weights=hed exists for backbone vgg16 only, not {cfg.transfer.backbone}: "
+                      "use weights imagenet or null")
     return errors
 
 

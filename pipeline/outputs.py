@@ -1,4 +1,5 @@
-"""What every model stage leaves behind: metrics/<stage>.json, plots/<stage>/ and models/<stage>/."""
+"""What every model stage leaves behind: metrics/<stage>.json, plots/<stage>/ and models/<stage>/, each also
+logged to the stage's MLflow run."""
 
 from __future__ import annotations
 
@@ -7,13 +8,18 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import joblib
 import numpy as np
 
-from pipeline.evaluation import evaluate
-from pipeline.files import atomic_path, write_json
+from pipeline import tracking
+from pipeline.analysis import plot_history, write_analysis
+from pipeline.errors import DataError
+from pipeline.evaluation import evaluate, per_class
+from pipeline.files import atomic_path, file_digest, write_json
 from pipeline.paths import METRICS_DIR, PLOTS_DIR, model_dir
 
 
@@ -32,22 +38,32 @@ def predict_timed(predict, x: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def write_stage_outputs(stage: str, y_true: np.ndarray, y_prob: np.ndarray, classes: list[str], *,
-                        val_accuracy: float, fit_seconds: float, parameters: int, images_per_second: float,
-                        history: list[dict[str, float]] | None = None) -> dict[str, Any]:
-    """Write metrics/<stage>.json and plots/<stage>/ (curves and confusion CSVs); return the metrics."""
+                        images: np.ndarray, val_accuracy: float, fit_seconds: float, parameters: int,
+                        images_per_second: float, history: list[dict[str, float]] | None = None,
+                        explain: Callable[[Path, np.ndarray], None] | None = None) -> dict[str, Any]:
+    """Write metrics/<stage>.json and plots/<stage>/ (curves, confusion CSVs, the confusion analysis of
+    `pipeline.analysis`, and what `explain` draws of the worst misclassified test images); log them to the
+    stage's MLflow run, whose id the metrics name. Return the metrics."""
     metrics: dict[str, Any] = {"test": evaluate(y_true, y_prob), "val_accuracy": val_accuracy}
     if history:
         metrics["epochs"] = len(history)
     metrics.update(fit_seconds=round(fit_seconds, 2), parameters=int(parameters),
                    inference_images_per_second=round(images_per_second, 1))
+    if run_id := tracking.active_run_id():
+        metrics["mlflow_run_id"] = run_id
     plots = PLOTS_DIR / stage
     with atomic_path(plots, directory=True) as tmp:
         if history:
             _write_csv(tmp / "history.csv", [{**row, "epoch": i + 1} for i, row in enumerate(history)])
+            plot_history(tmp / "training_curves.png", history)
         predicted = y_prob.argmax(axis=1)
         _write_csv(tmp / "confusion.csv", [{"actual": classes[a], "predicted": classes[p]}
                                            for a, p in zip(y_true, predicted, strict=True)])
+        worst = write_analysis(tmp, y_true, y_prob, images, classes)
+        if explain is not None:
+            explain(tmp, worst)
     write_json(METRICS_DIR / f"{stage}.json", metrics)
+    tracking.log_results(metrics, per_class(y_true, y_prob, classes), plots)
     return metrics
 
 
@@ -58,9 +74,29 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def save_keras_model(stage: str, model) -> Path:
-    """models/<stage>/model.keras, written atomically."""
+def save_keras_model(stage: str, model, example: np.ndarray) -> Path:
+    """models/<stage>/model.keras, written atomically; logged with `example` as its input example."""
     path = model_dir(stage) / "model.keras"
     with atomic_path(path) as tmp:
         model.save(tmp)
+    tracking.log_keras_model(model, example)
     return path
+
+
+def save_sklearn_model(stage: str, model, example: np.ndarray) -> Path:
+    """models/<stage>/model.joblib, written atomically; logged with `example` as its input example."""
+    path = model_dir(stage) / "model.joblib"
+    with atomic_path(path) as tmp:
+        joblib.dump(model, tmp)
+    tracking.log_sklearn_model(model, example)
+    return path
+
+
+def load_keras_model(stage: str, needed_by: str):
+    """models/<stage>/model.keras (safe mode) and its digest, for a stage that starts from it."""
+    import keras  # here, so that the scikit-learn stage does not pay for importing Keras
+
+    path = model_dir(stage) / "model.keras"
+    if not path.is_file():
+        raise DataError(f"{path} not found: {needed_by} starts from the {stage} stage's model (dvc repro {stage})")
+    return keras.saving.load_model(path, safe_mode=True), file_digest(path)

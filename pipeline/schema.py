@@ -32,6 +32,14 @@ class SourceFile:
 
 
 @dataclass
+class Anchor:
+    """A published test accuracy on the data set, that a stage's result is set against."""
+
+    model: str = setting()
+    accuracy: float = setting(ge=0.0, le=1.0)
+
+
+@dataclass
 class DataConfig:
     name: str = setting()
     format: str = setting(choices=("idx", "image_folder"))
@@ -49,6 +57,7 @@ class DataConfig:
     on_corrupt: str = setting(choices=("error", "skip"))
     retries: int = setting(ge=1, le=10)
     timeout_s: float = setting(gt=0.0)
+    anchors: dict[str, Anchor] = setting()  # stage -> published result to compare with (metrics/report.md)
 
 
 @dataclass
@@ -62,6 +71,14 @@ class TrainConfig:
     weight_decay: float = setting(ge=0.0)
     lr_schedule: str = setting(choices=("plateau", "cosine", "constant"))
     patience: int = setting(ge=1)  # epochs without a better val_accuracy before stopping
+
+
+@dataclass
+class SearchConfig:
+    """A keras-tuner search over the stage's settings (see pipeline.tuning); the best values are then trained."""
+
+    enabled: bool = setting()
+    space: dict[str, Any] = setting()  # {setting: {int|float|choice: ..., step, log, when}}, checked by tuning
 
 
 @dataclass
@@ -81,6 +98,7 @@ class CnnConfig:
     dropout: float = setting(ge=0.0, lt=1.0)
     dense_units: int = setting(ge=1)
     train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
 
 @dataclass
@@ -98,30 +116,53 @@ class AugmentConfig:
 class CnnAugConfig:
     """The cnn architecture (section `cnn`) trained with augmentation (section `augment`)."""
 
+    init: str = setting(choices=("scratch", "cnn"))  # cnn: continue from the cnn stage's trained model
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
 @dataclass
 class TransferConfig:
-    """Filled in with the transfer stage."""
+    """A pretrained backbone, frozen, cut at a layer, with a new head trained on its features."""
+
+    backbone: str = setting(choices=("vgg16", "resnet50", "mobilenet_v2", "efficientnet_b0"))
+    weights: Optional[str] = setting(choices=("hed", "imagenet"), optional=True)  # hed: vgg16 only; null: random
+    image_size: int = setting(ge=32)  # images are resized to this square size
+    cut: Optional[str] = setting(optional=True)  # the backbone layer whose output are the features; null: last
+    pooling: str = setting(choices=("avg", "flatten"))
+    head_units: int = setting(ge=1)
+    dropout: float = setting(ge=0.0, lt=1.0)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
 
 @dataclass
 class FinetuneConfig:
-    """Filled in with the finetune stage."""
+    """The transfer model with its top backbone blocks unfrozen, trained end to end at a low learning rate."""
+
+    unfreeze_blocks: int = setting(ge=1)
+    augment: bool = setting()  # train with the `augment` section's transforms
+    train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
 
 @dataclass
 class TunerConfig:
     kind: str = setting(choices=("random", "bayesian", "hyperband"))
-    objective: str = setting(choices=("val_accuracy", "val_loss"))
-    max_trials: int = setting(ge=1)
+    objective: str = setting(choices=("val_accuracy", "val_loss"))  # on the validation split, never the test split
+    max_trials: int = setting(ge=1)  # random and bayesian; hyperband's count follows from epochs and factor
+    epochs: int = setting(ge=1)  # per trial (hyperband: the most any trial gets)
+    executions_per_trial: int = setting(ge=1)  # models trained per candidate, scores averaged
+    patience: int = setting(ge=1)  # a trial stops after this many epochs without a better objective
+    subset: Optional[int] = setting(ge=10, optional=True)  # training images per trial (stratified); null: all
+    hyperband_factor: int = setting(ge=2)
 
 
 @dataclass
 class TrackingConfig:
     uri: Optional[str] = setting(optional=True)  # null: SQLite store under the main repository's mlruns/
     experiment: Optional[str] = setting(optional=True)  # null: the data set's name
+    ui_host: str = setting()  # where `make ui` listens (a local store only): loopback unless told otherwise
+    ui_port: int = setting(ge=1, le=65535)
 
 
 @dataclass

@@ -11,11 +11,14 @@ import numpy as np
 import pytest
 
 from pipeline.data.split import load_splits
+from pipeline.errors import DataError
+from pipeline.models.transfer import build_trunk
 from pipeline.paths import METRICS_DIR, PLOTS_DIR, SPLIT_DIR, WORK_DIR, model_dir
-from pipeline.stages import baseline, cnn, cnn_aug
+from pipeline.stages import baseline, cnn, cnn_aug, finetune, transfer
 from tests.conftest import load_config
 
-SMALL_CNN = ("cnn.filters=8", "cnn.blocks=2", "cnn.dense_units=16", "cnn_aug.train.epochs=2")
+SMALL_CNN = ("cnn.filters=8", "cnn.blocks=2", "cnn.dense_units=16", "cnn_aug.train.epochs=2",
+             "cnn.search.enabled=false")
 
 
 def check_outputs(stage: str, metrics: dict, n_test: int) -> None:
@@ -38,7 +41,45 @@ def test_baseline(split_data):
 @pytest.mark.parametrize("stage", [cnn, cnn_aug], ids=["cnn", "cnn_aug"])
 def test_keras_stages(split_data, stage):
     name = stage.__name__.rsplit(".", 1)[-1]
-    metrics = stage.run(load_config(*split_data_overrides(split_data), *SMALL_CNN))
+    cfg = load_config(*split_data_overrides(split_data), *SMALL_CNN, "cnn_aug.init=scratch")
+    if stage is cnn_aug:
+        cnn.run(cfg)  # cnn_aug reads the cnn stage's best_hparams.json
+    check_keras_stage(name, stage.run(cfg))
+
+
+def test_cnn_aug_continues_from_the_cnn_model(split_data):
+    overrides = (*split_data_overrides(split_data), *SMALL_CNN, "cnn_aug.init=cnn")
+    cnn.run(load_config(*overrides))
+    check_keras_stage("cnn_aug", cnn_aug.run(load_config(*overrides)))
+    model = keras.saving.load_model(model_dir("cnn_aug") / "model.keras", safe_mode=True)
+    assert [layer.name for layer in model.layers[1:]] == ["augmentation", "cnn"]
+
+
+def test_transfer_then_finetune(split_data):
+    """transfer trains only a head on the frozen hed-VGG16 trunk; finetune then trains only the top block."""
+    cfg = load_config(*split_data_overrides(split_data), "transfer.head_units=16", "finetune.augment=true")
+    check_keras_stage("transfer", transfer.run(cfg))
+    trained = keras.saving.load_model(model_dir("transfer") / "model.keras", safe_mode=True)
+    fresh = build_trunk(cfg.transfer, load_splits(SPLIT_DIR).image_shape)
+    for before, after in zip(fresh.get_weights(), trained.get_layer("trunk").get_weights(), strict=True):
+        np.testing.assert_array_equal(before, after)  # frozen: the pretrained trunk is untouched
+
+    check_keras_stage("finetune", finetune.run(cfg))
+    tuned = keras.saving.load_model(model_dir("finetune") / "model.keras", safe_mode=True)
+    vgg = tuned.get_layer("transfer").get_layer("trunk").get_layer("vgg16")
+    changed = {layer.name for layer in vgg.layers if layer.weights and not all(
+        np.array_equal(a, b) for a, b in zip(layer.get_weights(), fresh.get_layer("vgg16").get_layer(
+            layer.name).get_weights(), strict=True))}
+    assert changed == {"block3_conv1", "block3_conv2", "block3_conv3"}  # the top block of the cut trunk
+
+
+def test_finetune_needs_the_transfer_model(split_data):
+    with pytest.raises(DataError, match="models/transfer/model.keras not found"):
+        finetune.run(load_config(*split_data_overrides(split_data)))
+
+
+def check_keras_stage(name: str, metrics: dict) -> None:
+    """Outputs written, curves per epoch, the saved model loads in safe mode and is the evaluated one."""
     check_outputs(name, metrics, 100)
     with (PLOTS_DIR / name / "history.csv").open() as fh:
         history = list(csv.DictReader(fh))

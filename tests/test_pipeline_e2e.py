@@ -16,7 +16,8 @@ from tests.conftest import REPO, write_idx_dataset
 
 pytestmark = pytest.mark.slow
 
-COPIED = ["conf", "pipeline", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
+COPIED = ["conf", "pipeline", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore",
+          "mlruns/.gitignore"]  # the MLflow store of the stages' runs is git-ignored, as in the project
 
 
 def run(cwd: Path, *args: str) -> str:
@@ -50,7 +51,7 @@ def repo(tmp_path: Path) -> Path:
 
 
 SMALL = ["-S", "data=tiny", "-S", "profile=smoke", "-S", "cnn.filters=8", "-S", "cnn.dense_units=16"]
-MODEL_STAGES = ("baseline", "cnn", "cnn_aug")
+MODEL_STAGES = ("baseline", "cnn", "cnn_aug", "transfer", "finetune")
 
 
 def test_dvc_exp_run_composes_config_and_reruns_only_what_changed(repo):
@@ -68,22 +69,10 @@ def test_dvc_exp_run_composes_config_and_reruns_only_what_changed(repo):
     out = run(repo, "dvc", "repro")
     assert "Running stage" not in out
 
-    # a value that only the split stage reads: only split reruns
-    out = run(repo, "dvc", "exp", "run", *SMALL, "-S", "data.val_size=0.2")
-    assert "Stage 'download' didn't change, skipping" in out and "Running stage 'split'" in out
-    assert json.loads((repo / "metrics/split.json").read_text())["size"]["val"] == 60
-
-    # an edit in conf/ reaches DVC through the composition, too
-    tiny = repo / "conf/data/tiny.yaml"
-    tiny.write_text(tiny.read_text().replace("val_size: 0.1", "val_size: 0.3"))
-    out = run(repo, "dvc", "exp", "run", *SMALL)
-    assert "Stage 'download' didn't change, skipping" in out and "Running stage 'split'" in out
-    assert json.loads((repo / "metrics/split.json").read_text())["size"]["val"] == 90
-
-    # a model stage's own setting: only that stage reruns
+    # a model stage's own setting: only that stage (and the report) reruns
     out = run(repo, "dvc", "exp", "run", *SMALL, "-S", "baseline.C=0.5")
     assert "Running stage 'baseline'" in out
-    for stage in ("download", "split", "cnn", "cnn_aug"):
+    for stage in ("download", "split", *MODEL_STAGES[1:]):
         assert f"Stage '{stage}' didn't change, skipping" in out
 
     # metrics and plots are where dvc finds them
@@ -91,6 +80,19 @@ def test_dvc_exp_run_composes_config_and_reruns_only_what_changed(repo):
         f"metrics/{stage}.json" for stage in ("split", *MODEL_STAGES)}
     run(repo, "dvc", "plots", "show", "-o", "plots-html")
     assert (repo / "plots-html" / "index.html").is_file()
+
+    # a value that only the split stage reads: split reruns, download does not (targeted at split, so the
+    # model stages downstream are not trained again here)
+    out = run(repo, "dvc", "exp", "run", *SMALL, "-S", "data.val_size=0.2", "split")
+    assert "Stage 'download' didn't change, skipping" in out and "Running stage 'split'" in out
+    assert json.loads((repo / "metrics/split.json").read_text())["size"]["val"] == 60
+
+    # an edit in conf/ reaches DVC through the composition, too
+    tiny = repo / "conf/data/tiny.yaml"
+    tiny.write_text(tiny.read_text().replace("val_size: 0.1", "val_size: 0.3"))
+    out = run(repo, "dvc", "exp", "run", *SMALL, "split")
+    assert "Stage 'download' didn't change, skipping" in out and "Running stage 'split'" in out
+    assert json.loads((repo / "metrics/split.json").read_text())["size"]["val"] == 90
 
     shown = json.loads(run(repo, "dvc", "exp", "show", "--json"))
     baseline = next(entry for entry in shown if entry["rev"] != "workspace")

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from pipeline import tracking
 from pipeline.data.idx import read_idx
 from pipeline.data.image_folder import IMAGES_DIR, list_images, read_image
 from pipeline.errors import DataError
@@ -125,8 +126,10 @@ class Splits:
 
 
 def load_splits(root: Path) -> Splits:
-    arrays = [tuple(np.asarray(a) for a in load_split(name, root)) for name in SPLITS]
-    return Splits(*arrays, classes=load_classes(root))
+    """The three splits in memory, each logged as an input of the active MLflow run (with its digest)."""
+    arrays = {name: tuple(np.asarray(a) for a in load_split(name, root)) for name in SPLITS}
+    tracking.log_splits(arrays, root)
+    return Splits(*arrays.values(), classes=load_classes(root))
 
 
 def class_counts(splits: dict[str, Arrays], classes: list[str]) -> dict[str, dict[str, int]]:

@@ -22,3 +22,9 @@ def build_augmentation(cfg: AugmentConfig, seed: int) -> keras.Sequential:
     if cfg.erasing:
         steps.append(layers.RandomErasing(factor=cfg.erasing, value_range=(0, 255), seed=seed))
     return keras.Sequential(steps, name="augmentation")
+
+
+def with_augmentation(model: keras.Model, augmentation: keras.Layer, name: str) -> keras.Model:
+    """A trained model behind augmentation layers, to go on training it on augmented images."""
+    images = keras.Input(shape=model.input_shape[1:], dtype="uint8", name="image")
+    return keras.Model(images, model(augmentation(images)), name=name)

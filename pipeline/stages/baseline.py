@@ -9,15 +9,13 @@ from __future__ import annotations
 import logging
 import time
 
-import joblib
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
 from pipeline.cli import stage_main
 from pipeline.data.split import load_splits
-from pipeline.files import atomic_path
-from pipeline.outputs import predict_timed, write_stage_outputs
-from pipeline.paths import SPLIT_DIR, model_dir
+from pipeline.outputs import predict_timed, save_sklearn_model, write_stage_outputs
+from pipeline.paths import SPLIT_DIR
 from pipeline.schema import Config
 
 log = logging.getLogger(__name__)
@@ -34,13 +32,13 @@ def run(cfg: Config) -> dict:
     start = time.perf_counter()
     model.fit(flatten(splits.train[0]), splits.train[1])
     fit_seconds = time.perf_counter() - start
-    y_prob, speed = predict_timed(model.predict_proba, flatten(splits.test[0]))
-    metrics = write_stage_outputs("baseline", splits.test[1], y_prob, splits.classes,
+    x_test = flatten(splits.test[0])
+    y_prob, speed = predict_timed(model.predict_proba, x_test)
+    metrics = write_stage_outputs("baseline", splits.test[1], y_prob, splits.classes, images=splits.test[0],
                                   val_accuracy=float(model.score(flatten(splits.val[0]), splits.val[1])),
                                   fit_seconds=fit_seconds, parameters=model.coef_.size + model.intercept_.size,
                                   images_per_second=speed)
-    with atomic_path(model_dir("baseline") / "model.joblib") as tmp:
-        joblib.dump(model, tmp)
+    save_sklearn_model("baseline", model, example=x_test[:3])
     log.info("baseline: test accuracy %.4f", metrics["test"]["accuracy"])
     return metrics
 

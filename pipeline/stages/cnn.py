@@ -1,7 +1,8 @@
-"""cnn: a convolutional network of the configured architecture, trained on the training split.
+"""cnn: a convolutional network, its architecture and learning rate searched with keras-tuner (when
+`cnn.search.enabled`), then trained on the full training split.
 
-Reads:  data/split/; params `seed`, `cnn` (architecture and `train` budget).
-Writes: models/cnn/model.keras, metrics/cnn.json, plots/cnn/ (per-epoch curves, confusion).
+Reads:  data/split/; params `seed`, `cnn` (architecture, `train` budget, `search` space), `tuner`.
+Writes: models/cnn/{model.keras, best_hparams.json, search/}, metrics/cnn.json, plots/cnn/.
 """
 
 from __future__ import annotations
@@ -15,13 +16,19 @@ from pipeline.outputs import fingerprint
 from pipeline.paths import SPLIT_DIR
 from pipeline.schema import Config
 from pipeline.training import run_keras_stage
+from pipeline.tuning import tune
 
 
 def run(cfg: Config) -> dict:
     keras.utils.set_random_seed(cfg.seed)
     splits = load_splits(SPLIT_DIR)
-    model = build_cnn_from(cfg.cnn, splits.image_shape, len(splits.classes))
-    return run_keras_stage("cnn", model, cfg.cnn.train, splits, fingerprint(cfg.seed, cfg.cnn))
+
+    def build(section):
+        return build_cnn_from(section, splits.image_shape, len(splits.classes))
+
+    best = tune("cnn", cfg.cnn, build, splits.train, splits.val, cfg.tuner, cfg.seed)
+    keras.utils.set_random_seed(cfg.seed)
+    return run_keras_stage("cnn", build(best), best.train, splits, fingerprint(cfg.seed, best))
 
 
 if __name__ == "__main__":

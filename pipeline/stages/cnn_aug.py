@@ -1,6 +1,8 @@
-"""cnn_aug: the cnn stage's architecture trained with augmentation (flip, shift, zoom, rotation, erasing).
+"""cnn_aug: the cnn stage's best architecture trained with augmentation (flip, shift, zoom, rotation,
+erasing), either from scratch or, cheaper, continuing from the cnn stage's trained model (`cnn_aug.init`).
 
-Reads:  data/split/; params `seed`, `cnn` (architecture), `augment` (transforms), `cnn_aug` (`train` budget).
+Reads:  data/split/, models/cnn/ (best_hparams.json; model.keras for init: cnn); params `seed`, `cnn`,
+        `augment`, `cnn_aug`.
 Writes: models/cnn_aug/model.keras, metrics/cnn_aug.json, plots/cnn_aug/.
 """
 
@@ -10,20 +12,26 @@ import keras
 
 from pipeline.cli import stage_main
 from pipeline.data.split import load_splits
-from pipeline.models.augment import build_augmentation
+from pipeline.models.augment import build_augmentation, with_augmentation
 from pipeline.models.cnn import build_cnn_from
-from pipeline.outputs import fingerprint
+from pipeline.outputs import fingerprint, load_keras_model
 from pipeline.paths import SPLIT_DIR
 from pipeline.schema import Config
 from pipeline.training import run_keras_stage
+from pipeline.tuning import apply, read_best
 
 
 def run(cfg: Config) -> dict:
     keras.utils.set_random_seed(cfg.seed)
     splits = load_splits(SPLIT_DIR)
-    model = build_cnn_from(cfg.cnn, splits.image_shape, len(splits.classes),
-                           augmentation=build_augmentation(cfg.augment, cfg.seed))
-    key = fingerprint(cfg.seed, cfg.cnn, cfg.augment, cfg.cnn_aug)
+    architecture = apply(cfg.cnn, read_best("cnn"))  # the cnn stage's search result
+    augmentation = build_augmentation(cfg.augment, cfg.seed)
+    if cfg.cnn_aug.init == "cnn":
+        trained, source = load_keras_model("cnn", needed_by="cnn_aug with cnn_aug.init=cnn")
+        model, start = with_augmentation(trained, augmentation, name="cnn_aug"), source
+    else:
+        model, start = build_cnn_from(architecture, splits.image_shape, len(splits.classes), augmentation), "scratch"
+    key = fingerprint(cfg.seed, architecture, cfg.augment, cfg.cnn_aug, start)
     return run_keras_stage("cnn_aug", model, cfg.cnn_aug.train, splits, key)
 
 

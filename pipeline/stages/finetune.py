@@ -1,0 +1,47 @@
+"""finetune: the transfer model with its top backbone blocks unfrozen, trained end to end at a low learning
+rate, optionally with augmentation; blocks and learning rate searched with keras-tuner when
+`finetune.search.enabled`.
+
+Reads:  data/split/, models/transfer/; params `seed`, `transfer.backbone`, `augment`, `finetune`, `tuner`.
+Writes: models/finetune/{model.keras, best_hparams.json}, metrics/finetune.json, plots/finetune/.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import keras
+
+from pipeline.cli import stage_main
+from pipeline.data.split import load_splits
+from pipeline.models.augment import build_augmentation, with_augmentation
+from pipeline.models.transfer import unfreeze_top_blocks
+from pipeline.outputs import fingerprint, load_keras_model
+from pipeline.paths import SPLIT_DIR
+from pipeline.schema import Config
+from pipeline.training import run_keras_stage
+from pipeline.tuning import tune
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Config) -> dict:
+    keras.utils.set_random_seed(cfg.seed)
+    splits = load_splits(SPLIT_DIR)
+    _, source = load_keras_model("transfer", needed_by="finetune")
+
+    def build(section):
+        model, _ = load_keras_model("transfer", needed_by="finetune")  # afresh for every candidate
+        blocks = unfreeze_top_blocks(model, cfg.transfer.backbone, section.unfreeze_blocks)
+        log.info("fine-tuning %s of %s", ", ".join(blocks), cfg.transfer.backbone)
+        if not section.augment:
+            return model
+        return with_augmentation(model, build_augmentation(cfg.augment, cfg.seed), name="finetune")
+
+    best = tune("finetune", cfg.finetune, build, splits.train, splits.val, cfg.tuner, cfg.seed)
+    key = fingerprint(cfg.seed, cfg.augment, best, source)
+    return run_keras_stage("finetune", build(best), best.train, splits, key)
+
+
+if __name__ == "__main__":
+    stage_main(run)

@@ -1,0 +1,297 @@
+"""keras-tuner searches over spaces declared in YAML, next to each stage's settings:
+
+    search:
+      enabled: true
+      space:
+        filters: {choice: [16, 32, 48]}
+        lr: {float: [1.0e-4, 3.0e-3], log: true}          # a name of the section, or of its `train`
+        dropout: {float: [0.1, 0.4], step: 0.05, when: {batch_norm: [false]}}   # only for some parents
+
+`parse_space` checks a space (at config load, before any trial); `define` turns it into hp.Int / hp.Float /
+hp.Choice; `tune` runs the tuner of `conf/tuner` on a training subset, logs every trial as a nested MLflow
+run, writes models/<stage>/best_hparams.json and the trials table, and returns the section with the best
+values, which the stage then trains on the full training split. Tuner state lives in the stage's work dir,
+keyed by everything that defines the search: a killed search resumes its finished trials, and a changed
+space, tuner or data starts afresh.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import tracking
+from pipeline.data.split import Arrays
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.files import atomic_path, write_json
+from pipeline.paths import model_dir, work_dir
+from pipeline.schema import TunerConfig
+
+log = logging.getLogger(__name__)
+
+KINDS = ("int", "float", "choice")
+OPTIONS = ("step", "log", "when")
+BEST_FILE = "best_hparams.json"
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    kind: str  # one of KINDS
+    values: tuple  # (min, max) for int and float; the choices for choice
+    step: float | None = None
+    log: bool = False
+    when: tuple[str, tuple] | None = None  # (parent name, parent values) for which this parameter exists
+
+
+def tunable_names(section: Any) -> list[str]:
+    """What a space may name: the section's own settings, then those of its `train` budget."""
+    own = [f.name for f in dataclasses.fields(section) if f.name not in ("train", "search")]
+    return own + [f.name for f in dataclasses.fields(section.train) if f.name not in ("epochs", "patience")]
+
+
+def parse_space(space: dict[str, Any], key: str, allowed: Collection[str]) -> list[Param]:
+    """Check a declared space and return its parameters; a ConfigError naming `key.<name>` otherwise."""
+    params: dict[str, Param] = {}
+    for name, spec in space.items():
+        where = f"{key}.{name}"
+        if name not in allowed:
+            raise ConfigError(f"{where}: not a setting of this stage; searchable: {', '.join(allowed)}")
+        if not isinstance(spec, dict) or len([k for k in spec if k in KINDS]) != 1:
+            raise ConfigError(f"{where}: give exactly one of {', '.join(k + ': ...' for k in KINDS)}")
+        if unknown := [k for k in spec if k not in (*KINDS, *OPTIONS)]:
+            raise ConfigError(f"{where}: unknown option {unknown[0]!r}; allowed: {', '.join((*KINDS, *OPTIONS))}")
+        kind = next(k for k in spec if k in KINDS)
+        values, step, use_log = spec[kind], spec.get("step"), bool(spec.get("log", False))
+        if kind == "choice":
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{where}: choice needs a non-empty list of values")
+            if len({type(v) for v in values}) > 1:
+                raise ConfigError(f"{where}: choice values must share one type, got {values}")
+        else:
+            if not (isinstance(values, list) and len(values) == 2 and all(
+                    isinstance(v, int | float) and not isinstance(v, bool) for v in values)):
+                raise ConfigError(f"{where}: {kind} needs [min, max], got {values!r}")
+            if kind == "int" and not all(isinstance(v, int) for v in values):
+                raise ConfigError(f"{where}: int needs whole numbers, got {values}")
+            if values[0] > values[1]:
+                raise ConfigError(f"{where}: min {values[0]} > max {values[1]}")
+            if use_log and values[0] <= 0:
+                raise ConfigError(f"{where}: log scale needs min > 0, got {values[0]}")
+            if step is not None and (step <= 0 or use_log):
+                raise ConfigError(f"{where}: step must be > 0 and cannot go with log: true")
+        when = spec.get("when")
+        if when is not None:
+            if not (isinstance(when, dict) and len(when) == 1):
+                raise ConfigError(f"{where}.when: give one parent, as {{parent: [values]}}")
+            (parent, parent_values), = when.items()
+            if parent not in params or params[parent].kind != "choice":
+                raise ConfigError(f"{where}.when: {parent} must be a choice declared before {name}")
+            parent_values = parent_values if isinstance(parent_values, list) else [parent_values]
+            if bad := [v for v in parent_values if v not in params[parent].values]:
+                raise ConfigError(f"{where}.when: {bad} not among {parent}'s choices {list(params[parent].values)}")
+            when = (parent, tuple(parent_values))
+        params[name] = Param(name, kind, tuple(values), step, use_log, when)
+    return list(params.values())
+
+
+def define(hp, params: list[Param]) -> dict[str, Any]:
+    """Declare `params` on a keras-tuner HyperParameters; return the active values (conditional ones only
+    where their parent has one of the listed values)."""
+    values: dict[str, Any] = {}
+    for p in params:
+        if p.when is None:
+            values[p.name] = _declare(hp, p)
+        else:
+            with hp.conditional_scope(*p.when):
+                value = _declare(hp, p)
+            if values.get(p.when[0]) in p.when[1]:
+                values[p.name] = value
+    return values
+
+
+def _declare(hp, p: Param):
+    if p.kind == "choice":
+        return hp.Choice(p.name, list(p.values))
+    if p.kind == "int":
+        return hp.Int(p.name, p.values[0], p.values[1], step=int(p.step or 1), sampling="log" if p.log else "linear")
+    return hp.Float(p.name, float(p.values[0]), float(p.values[1]), step=p.step, sampling="log" if p.log else "linear")
+
+
+def apply(section: Any, values: dict[str, Any]) -> Any:
+    """The section with `values` set, each on the section itself or on its `train` budget."""
+    own = {f.name for f in dataclasses.fields(section)}
+    train = dataclasses.replace(section.train, **{k: v for k, v in values.items() if k not in own})
+    return dataclasses.replace(section, **{k: v for k, v in values.items() if k in own}, train=train)
+
+
+def read_best(stage: str) -> dict[str, Any]:
+    """The values models/<stage>/best_hparams.json carries forward (none when that stage did not search)."""
+    path = model_dir(stage) / BEST_FILE
+    if not path.is_file():
+        raise PipelineError(f"{path} not found: run the {stage} stage first (dvc repro {stage})")
+    return json.loads(path.read_text())["values"]
+
+
+def tune(stage: str, section: Any, build: Callable[[Any], Any], train: Arrays, val: Arrays, tuner_cfg: TunerConfig,
+         seed: int) -> Any:
+    """Search `section.search.space` (if enabled) and write models/<stage>/best_hparams.json; return the section
+    with the best values. `build(section)` makes an uncompiled model for a candidate's settings."""
+    best: dict[str, Any] = {"values": {}, "source": "config"}
+    if section.search.enabled:
+        params = parse_space(section.search.space, f"{stage}.search.space", tunable_names(section))
+        best = _search(stage, section, params, build, train, val, tuner_cfg, seed)
+    write_json(model_dir(stage) / BEST_FILE, best)
+    return apply(section, best["values"])
+
+
+def _search(stage, section, params, build, train, val, tuner_cfg, seed) -> dict[str, Any]:
+    import keras
+    import keras_tuner
+
+    from pipeline.training import TrackEpochs, compile_model
+
+    x, y = _subset(train, tuner_cfg.subset, seed)
+    objective = keras_tuner.Objective(tuner_cfg.objective, "min" if tuner_cfg.objective.endswith("loss") else "max")
+
+    class HyperModel(keras_tuner.HyperModel):
+        def build(self, hp):
+            candidate = apply(section, define(hp, params))
+            model = build(candidate)
+            compile_model(model, candidate.train, len(y))
+            return model
+
+        def fit(self, hp, model, *args, **kwargs):
+            candidate = apply(section, define(hp, params))
+            return model.fit(*args, batch_size=candidate.train.batch_size, **kwargs)
+
+    key = _search_key(stage, section, tuner_cfg, seed, x, y, *val)
+    directory = work_dir(stage) / "search"
+    for old in directory.glob("*") if directory.is_dir() else []:
+        if old.name != key:
+            log.info("%s: a search of other settings is in %s: starting afresh", stage, old)
+            shutil.rmtree(old)
+    common = dict(hypermodel=HyperModel(), objective=objective, seed=seed, directory=str(directory),
+                  project_name=key, overwrite=False, executions_per_trial=tuner_cfg.executions_per_trial,
+                  max_consecutive_failed_trials=tuner_cfg.max_trials)
+    if tuner_cfg.kind == "hyperband":
+        tuner = _tracked(keras_tuner.Hyperband)(max_epochs=tuner_cfg.epochs, factor=tuner_cfg.hyperband_factor,
+                                                **common)
+    else:
+        base = keras_tuner.RandomSearch if tuner_cfg.kind == "random" else keras_tuner.BayesianOptimization
+        tuner = _tracked(base)(max_trials=tuner_cfg.max_trials, **common)
+    tuner.search(x, y, validation_data=val, epochs=tuner_cfg.epochs, verbose=1, callbacks=[
+        keras.callbacks.EarlyStopping(monitor=tuner_cfg.objective, mode=objective.direction,
+                                      patience=tuner_cfg.patience),
+        TrackEpochs()])
+    rows = _trials_table(tuner, params, objective.direction)
+    if failed := [r for r in rows if r["status"] != "COMPLETED"]:
+        raise PipelineError(f"{stage}: {len(failed)} of {len(rows)} tuner trials did not complete (trial "
+                            f"{failed[0]['trial']}: {failed[0]['status']} {failed[0]['message']}); see the log above")
+    _write_trials(stage, rows, params, tuner_cfg.objective)
+    values = {p.name: rows[0][p.name] for p in params if rows[0][p.name] != ""}
+    log.info("%s: best of %d trials, %s %.4f: %s", stage, len(rows), tuner_cfg.objective, rows[0]["score"], values)
+    return {"values": values, "source": "search", "objective": tuner_cfg.objective, "score": rows[0]["score"],
+            "trials": len(rows), "tuner": tuner_cfg.kind}
+
+
+def _tracked(base):
+    """`base` tuner whose every trial is a nested MLflow run with its hyperparameters, epochs and score."""
+
+    class Tracked(base):
+        def run_trial(self, trial, *args, **kwargs):
+            values = {k: v for k, v in trial.hyperparameters.values.items() if trial.hyperparameters.is_active(k)}
+            with tracking.trial_run(f"trial {trial.trial_id}", values):
+                results = super().run_trial(trial, *args, **kwargs)
+                histories = results if isinstance(results, list) else [results]
+                name, direction = self.oracle.objective.name, self.oracle.objective.direction
+                best = [(min if direction == "min" else max)(h.history[name]) for h in histories]
+                tracking.log_trial_score(float(np.mean(best)))
+            return results
+
+    Tracked.__name__ = f"Tracked{base.__name__}"
+    return Tracked
+
+
+def _subset(train: Arrays, size: int | None, seed: int) -> Arrays:
+    """A stratified subset of `size` training examples (all when null or larger), so trials stay cheap."""
+    x, y = train
+    if size is None or size >= len(y):
+        return x, y
+    from sklearn.model_selection import train_test_split
+
+    keep, _ = train_test_split(np.arange(len(y)), train_size=size, stratify=y, random_state=seed)
+    keep = np.sort(keep)
+    return x[keep], y[keep]
+
+
+def _search_key(stage, section, tuner_cfg, seed, *arrays) -> str:
+    """A digest of everything that defines a search, so that changed settings never mix with old trials."""
+    digest = hashlib.sha256(json.dumps([stage, dataclasses.asdict(section), dataclasses.asdict(tuner_cfg), seed],
+                                       sort_keys=True, default=str).encode())
+    for a in arrays:
+        digest.update(np.ascontiguousarray(a).data)
+    return digest.hexdigest()[:16]
+
+
+def _trials_table(tuner, params: list[Param], direction: str) -> list[dict[str, Any]]:
+    rows = []
+    for trial in tuner.oracle.trials.values():
+        hp = trial.hyperparameters
+        lines = (trial.message or "").strip().splitlines()
+        row = {"trial": trial.trial_id, "status": str(trial.status), "score": trial.score,
+               "message": lines[-1] if lines else ""}
+        row.update({p.name: hp.values[p.name] if p.name in hp.values and hp.is_active(p.name) else ""
+                    for p in params})
+        rows.append(row)
+    worst = float("inf") if direction == "min" else float("-inf")
+    return sorted(rows, key=lambda r: worst if r["score"] is None else r["score"], reverse=direction == "max")
+
+
+def _write_trials(stage: str, rows: list[dict[str, Any]], params: list[Param], objective: str) -> None:
+    """models/<stage>/search/trials.csv (sorted best first) and a panel per hyperparameter of score against
+    value; both logged to the stage run."""
+    out = model_dir(stage) / "search"
+    with atomic_path(out, directory=True) as tmp:
+        with (tmp / "trials.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["trial", "score", "status", *[p.name for p in params]],
+                                    extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        _plot_trials(tmp / "trials.png", rows, params, objective)
+    tracking.log_artifacts(out, "search")
+
+
+def _plot_trials(path: Path, rows: list[dict[str, Any]], params: list[Param], objective: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(params), figsize=(3.2 * len(params), 3), squeeze=False, sharey=True)
+    for ax, p in zip(axes[0], params, strict=True):
+        points = [(r[p.name], r["score"]) for r in rows if r[p.name] != "" and r["score"] is not None]
+        if p.kind == "choice":
+            labels = [str(v) for v in p.values]
+            ax.scatter([labels.index(str(v)) for v, _ in points], [s for _, s in points])
+            ax.set_xticks(range(len(labels)), labels)
+        else:
+            ax.scatter([v for v, _ in points], [s for _, s in points])
+            if p.log:
+                ax.set_xscale("log")
+        ax.set_xlabel(p.name)
+    axes[0][0].set_ylabel(objective)
+    fig.suptitle(f"{len(rows)} trials")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,77 @@
+"""The report stage and the compare command on two hand-made stage results logged to a real store."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from pipeline import compare, tracking
+from pipeline.analysis import read_matrix_csv
+from pipeline.errors import DataError
+from pipeline.outputs import write_stage_outputs
+from pipeline.paths import METRICS_DIR
+from pipeline.stages import report
+from tests.conftest import load_config
+from tests.test_analysis import CLASSES, Y_PROB, Y_TRUE
+
+PERFECT = np.eye(3)[Y_TRUE] * 0.9 + 0.1 / 3  # every answer right
+
+
+@pytest.fixture
+def two_stages(workdir, tmp_path):
+    """baseline (7 of 10 right) and cnn (all right), each written and logged as a model stage does."""
+    cfg = load_config(f"tracking.uri=sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+    images = np.zeros((10, 4, 4, 1), dtype=np.uint8)
+    ids = {}
+    for stage, y_prob in (("baseline", Y_PROB), ("cnn", PERFECT)):
+        with tracking.stage_run(stage, cfg) as ids[stage]:
+            write_stage_outputs(stage, Y_TRUE, y_prob, CLASSES, images=images, val_accuracy=0.5, fit_seconds=1.0,
+                                parameters=10, images_per_second=100.0)
+    return cfg, ids
+
+
+def test_report_ladder_best_run_and_links(two_stages):
+    cfg, ids = two_stages
+    with tracking.stage_run("report", cfg) as report_id:
+        summary = report.run(cfg)
+    assert json.loads((METRICS_DIR / "summary.json").read_text()) == summary
+    baseline = summary["stages"]["baseline"]
+    assert baseline == {"test_accuracy": 0.7, "macro_f1": pytest.approx(0.7, abs=0.1),
+                        "anchor": "logistic regression (scikit-learn)", "anchor_accuracy": 0.842,
+                        "vs_anchor": -0.142, "mlflow_run_id": ids["baseline"]}
+    assert summary["best"] == {"stage": "cnn", "test_accuracy": 1.0, "mlflow_run_id": ids["cnn"]}
+    text = report.REPORT.read_text()
+    assert f"http://127.0.0.1:5000/#/experiments/1/runs/{ids['cnn']}" in text
+    assert "| baseline | 0.7000 |" in text and "Best: **cnn**" in text
+
+    run = MlflowClient(cfg.tracking.uri).get_run(report_id)
+    assert run.data.tags["best_run"] == ids["cnn"] and run.data.metrics["test_accuracy/baseline"] == 0.7
+    assert run.data.params["data.anchors.cnn.accuracy"] == "0.934"
+
+
+def test_report_needs_a_model_stage(workdir):
+    with pytest.raises(DataError, match="run them first"):
+        report.run(load_config())
+
+
+def test_compare_two_runs_by_stage_name(two_stages, tmp_path, capsys):
+    cfg, ids = two_stages
+    out = tmp_path / "compare"
+    assert compare.main(["baseline", ids["cnn"], f"tracking.uri={cfg.tracking.uri}", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    line = next(row for row in printed.splitlines() if row.startswith("test_accuracy "))
+    assert line.split()[1:] == ["0.7000", "1.0000", "+0.3000"]
+    assert "cat taken for dog: 0.667 -> 0.000" in printed
+    difference, classes = read_matrix_csv(out / "confusion_difference.csv")
+    assert classes == CLASSES
+    np.testing.assert_allclose(difference, [[2 / 3, -2 / 3, 0], [0, 0, 0], [-0.25, 0, 0.25]], atol=1e-4)
+    assert (out / "confusion_difference.png").is_file()
+
+
+def test_compare_names_an_unknown_run(two_stages, tmp_path, capsys):
+    cfg, _ = two_stages
+    assert compare.main(["baseline", "nosuchstage", f"tracking.uri={cfg.tracking.uri}"]) == 2
+    assert "'nosuchstage' is neither a run id nor a stage" in capsys.readouterr().err

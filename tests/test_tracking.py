@@ -1,0 +1,147 @@
+"""MLflow tracking against a real SQLite store in a temporary directory: what a stage's run holds."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from pipeline import cli, tracking
+from pipeline.data.split import load_splits
+from pipeline.errors import DataError, PipelineError
+from pipeline.paths import METRICS_DIR, SPLIT_DIR
+from pipeline.stages import baseline, cnn, split
+from tests.conftest import load_config
+from tests.test_model_stages import SMALL_CNN, split_data_overrides
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> str:
+    """A fresh SQLite store; the stages of a test share one execution id."""
+    monkeypatch.setenv(tracking.EXECUTION_ID_ENV, "test-execution")
+    return f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+
+
+def tracked(split_data, store, *extra):
+    return load_config(*split_data_overrides(split_data), f"tracking.uri={store}", *extra)
+
+
+def only_run(client: MlflowClient, stage: str):
+    experiment = client.get_experiment_by_name("fashion_mnist")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`pipeline.stage` = '{stage}'")
+    assert len(runs) == 1
+    return runs[0]
+
+
+def test_stage_runs_hold_tags_params_metrics_inputs_artefacts_and_model(split_data, store):
+    cfg = tracked(split_data, store)
+    with tracking.stage_run("baseline", cfg) as baseline_id:
+        baseline_metrics = baseline.run(cfg)
+    cfg_cnn = tracked(split_data, store, *SMALL_CNN, "cnn.train.epochs=2", "cnn.train.patience=5")
+    with tracking.stage_run("cnn", cfg_cnn) as cnn_id:
+        cnn_metrics = cnn.run(cfg_cnn)
+
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("fashion_mnist")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment.artifact_location.endswith("/store/artifacts")
+    run = only_run(client, "baseline")
+    assert run.info.run_id == baseline_id and run.info.run_name == "baseline" and run.info.status == "FINISHED"
+    assert run.data.tags["pipeline.execution_id"] == "test-execution"
+    assert run.data.tags["pipeline.profile"] == "smoke" and run.data.tags["pipeline.data"] == "fashion_mnist"
+    # the params of the sections dvc.yaml lists for the stage, flattened, and no others
+    assert run.data.params["baseline.C"] == str(cfg.baseline.C) and run.data.params["seed"] == "42"
+    assert not any(key.startswith(("cnn.", "data.")) for key in run.data.params)
+    metrics = run.data.metrics
+    assert metrics["test_accuracy"] == pytest.approx(baseline_metrics["test"]["accuracy"])
+    assert {"test_top3_accuracy", "test_macro_f1", "test_log_loss", "test_ece", "best_val_accuracy", "fit_seconds",
+            "inference_images_per_second", "parameters", "test_f1/T-shirt_top", "test_recall/Ankle boot",
+            "test_precision/Bag"} <= set(metrics)
+    assert json.loads((METRICS_DIR / "baseline.json").read_text())["mlflow_run_id"] == baseline_id
+
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"fashion_mnist-train", "fashion_mnist-val", "fashion_mnist-test"}
+    assert {tag.value for d in inputs.values() for tag in d.tags} >= {"training", "validation", "test"}
+    assert len(inputs["fashion_mnist-test"].dataset.digest) == 16
+
+    artefacts = {a.path for a in client.list_artifacts(baseline_id, "analysis")}
+    assert {f"analysis/{name}" for name in (
+        "confusion_matrix.png", "confusion_counts.csv", "confusion_normalized.csv", "confused_pairs.csv",
+        "per_class_accuracy.csv", "per_class_accuracy.png", "worst_misclassified.png", "confidence_histogram.png",
+        "classification_report.txt")} <= artefacts
+    assert "config.yaml" in {a.path for a in client.list_artifacts(baseline_id)}
+
+    cnn_run = only_run(client, "cnn")
+    assert cnn_run.info.run_id == cnn_id
+    assert {"analysis/gradcam.png", "analysis/training_curves.png"} <= {
+        a.path for a in client.list_artifacts(cnn_id, "analysis")}
+    history = client.get_metric_history(cnn_id, "val_accuracy")
+    assert [m.step for m in history] == [1, 2] == list(range(1, cnn_metrics["epochs"] + 1))
+    assert {"train_loss", "train_accuracy", "val_loss", "learning_rate"} <= set(cnn_run.data.metrics)
+
+    x_test = load_splits(SPLIT_DIR).test[0][:3]
+    for run_id, example in ((baseline_id, baseline.flatten(x_test)), (cnn_id, x_test)):
+        [output] = client.get_run(run_id).outputs.model_outputs
+        model = mlflow.pyfunc.load_model(f"models:/{output.model_id}")
+        assert model.metadata.signature is not None and model.input_example is not None
+        assert np.asarray(model.predict(example)).shape == (3, 10)
+
+
+def test_a_failing_stage_leaves_a_failed_run(split_data, store):
+    cfg = tracked(split_data, store)
+    with pytest.raises(DataError), tracking.stage_run("cnn", cfg):
+        raise DataError("data/split: no split here")
+    assert only_run(MlflowClient(store), "cnn").info.status == "FAILED"
+
+
+def test_tuner_trials_are_nested_under_their_stage_run(split_data, store):
+    cfg = tracked(split_data, store)
+    with tracking.stage_run("cnn", cfg) as parent:
+        for i in range(2):
+            with tracking.trial_run(f"trial {i}", {"filters": 8 * (i + 1)}):
+                tracking.log_epoch({"loss": 1.0, "val_accuracy": 0.5}, 1)
+    client = MlflowClient(store)
+    trials = client.search_runs([client.get_experiment_by_name("fashion_mnist").experiment_id],
+                                f"tags.mlflow.parentRunId = '{parent}'", order_by=["attributes.run_name"])
+    assert [t.info.run_name for t in trials] == ["trial 0", "trial 1"]
+    assert [t.data.params["filters"] for t in trials] == ["8", "16"]
+    assert all(t.data.tags["pipeline.stage"] == "cnn" and "train_loss" in t.data.metrics for t in trials)
+
+
+def test_the_default_store_is_the_dvc_root_s_mlruns(split_data, tmp_path, monkeypatch, caplog):
+    """A stage run by its command line under DVC (DVC_ROOT set, as in a temporary workspace) logs to that root."""
+    main_repo = tmp_path / "main-repo"
+    monkeypatch.setenv("DVC_ROOT", str(main_repo))
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-test")
+    monkeypatch.setattr(sys, "argv", ["split", "profile=smoke", *split_data_overrides(split_data)])
+    cli.stage_main(split.run)
+    client = MlflowClient(f"sqlite:///{main_repo / 'mlruns' / 'mlflow.db'}")
+    run = only_run(client, "split")
+    assert run.data.tags["dvc.exp_name"] == "exp-test"
+    assert client.get_experiment(run.info.experiment_id).artifact_location == (
+        main_repo / "mlruns" / "artifacts").as_uri()
+
+
+def test_an_unreachable_tracking_server_is_named_in_one_line(split_data, monkeypatch, caplog):
+    uri = "http://127.0.0.1:9"  # discard port: nothing listens
+    monkeypatch.setattr(sys, "argv", ["split", "profile=smoke", f"tracking.uri={uri}"])
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as stopped:
+        cli.stage_main(split.run)
+    assert stopped.value.code == 2
+    assert f"tracking server {uri} is not reachable" in caplog.text and "tracking=local" in caplog.text
+
+
+def test_the_stage_name_and_dvc_processes():
+    assert cli.stage_name(baseline.run) == "baseline"
+    assert tracking._is_dvc(["/repo/.venv/bin/python", "/repo/.venv/bin/dvc", "exp", "run"])
+    assert tracking._is_dvc(["dvc", "repro"]) and tracking._is_dvc(["python3", "-m", "dvc", "repro"])
+    assert not tracking._is_dvc(["bash", "-c", "dvc repro"]) and not tracking._is_dvc(["python", "-m", "pytest"])
+
+
+def test_tracking_errors_are_pipeline_errors():
+    assert issubclass(tracking.TrackingError, PipelineError)

@@ -1,0 +1,155 @@
+"""keras-tuner searches: spaces from YAML, every validation error, each tuner kind on tiny data, trials as
+nested MLflow runs, resume after a killed search, a fresh search when the space changes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras_tuner
+import pytest
+from mlflow import MlflowClient
+
+from pipeline import tracking
+from pipeline.data.split import load_splits
+from pipeline.errors import ConfigError
+from pipeline.models.cnn import build_cnn_from
+from pipeline.paths import SPLIT_DIR, WORK_DIR, model_dir
+from pipeline.stages import cnn, cnn_aug
+from pipeline.tuning import define, parse_space, tunable_names, tune
+from tests.conftest import load_config
+from tests.test_model_stages import SMALL_CNN, split_data_overrides
+
+SPACE = ("~cnn.search.space", "+cnn.search.space={filters: {choice: [4, 8]}, lr: {float: [1.0e-3, 1.0e-2], log: true}}",
+         "cnn.search.enabled=true", "tuner.max_trials=2", "tuner.epochs=1", "tuner.subset=null")
+
+
+@pytest.mark.parametrize("space, message", [
+    ("{filters: {choice: []}}", "cnn.search.space.filters: choice needs a non-empty list of values"),
+    ("{blocks: {int: [3, 1]}}", "cnn.search.space.blocks: min 3 > max 1"),
+    ("{lr: {float: [0.0, 0.1], log: true}}", "cnn.search.space.lr: log scale needs min > 0, got 0.0"),
+    ("{lr: {uniform: [0.0, 0.1]}}", "cnn.search.space.lr: give exactly one of int: ..., float: ..., choice: ..."),
+    ("{lr: {float: [0.1, 0.2], scale: log}}", "cnn.search.space.lr: unknown option 'scale'"),
+    ("{depth: {int: [1, 2]}}", "cnn.search.space.depth: not a setting of this stage; searchable: blocks"),
+    ("{blocks: {int: [1.5, 2]}}", "cnn.search.space.blocks: int needs whole numbers"),
+    ("{dropout: {float: [0.1, 0.2], when: {batch_norm: [false]}}}",
+     "cnn.search.space.dropout.when: batch_norm must be a choice declared before dropout"),
+    ("{batch_norm: {choice: [true]}, dropout: {float: [0.1, 0.2], when: {batch_norm: [false]}}}",
+     r"cnn.search.space.dropout.when: \[False\] not among batch_norm's choices \[True\]"),
+])
+def test_a_bad_space_fails_at_config_load(space, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("~cnn.search.space", f"+cnn.search.space={space}")
+
+
+def test_space_to_hyperparameters_with_a_condition():
+    cfg = load_config().cnn
+    params = parse_space({"batch_norm": {"choice": [True, False]}, "blocks": {"int": [1, 3]},
+                          "lr": {"float": [1e-4, 1e-2], "log": True},
+                          "dropout": {"float": [0.1, 0.5], "step": 0.1, "when": {"batch_norm": [False]}}},
+                         "cnn.search.space", tunable_names(cfg))
+    hp = keras_tuner.HyperParameters()
+    values = define(hp, params)
+    assert values == {"batch_norm": True, "blocks": 1, "lr": 1e-4}  # defaults; dropout inactive with batch norm
+    assert hp.get_config()["space"][2]["config"]["sampling"] == "log"
+    chosen = keras_tuner.HyperParameters()
+    chosen.values["batch_norm"] = False  # as an oracle would have picked it
+    assert define(chosen, params)["dropout"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("kind", ["random", "bayesian", "hyperband"])
+def test_two_trial_search_logs_nested_runs_and_carries_the_best_forward(split_data, tmp_path, monkeypatch, kind):
+    monkeypatch.setenv(tracking.EXECUTION_ID_ENV, "test")
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    extra = ("tuner.epochs=2", "tuner.hyperband_factor=2") if kind == "hyperband" else ()
+    cfg = load_config(*split_data_overrides(split_data), *SMALL_CNN, *SPACE, *extra, f"tuner.kind={kind}",
+                      f"tracking.uri={store}")
+    splits = load_splits(SPLIT_DIR)
+    with tracking.stage_run("cnn", cfg) as run_id:
+        best_cnn = tune("cnn", cfg.cnn, lambda c: build_cnn_from(c, splits.image_shape, 10), splits.train, splits.val,
+                        cfg.tuner, cfg.seed)
+
+    best = json.loads((model_dir("cnn") / "best_hparams.json").read_text())
+    assert best["source"] == "search" and best["tuner"] == kind and set(best["values"]) == {"filters", "lr"}
+    with (model_dir("cnn") / "search" / "trials.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == best["trials"] >= 2 and float(rows[0]["score"]) == pytest.approx(best["score"])
+    assert [float(r["score"]) for r in rows] == sorted((float(r["score"]) for r in rows), reverse=True)
+    assert (best_cnn.filters, best_cnn.train.lr) == (best["values"]["filters"], best["values"]["lr"])
+    assert (model_dir("cnn") / "search" / "trials.png").is_file()
+
+    client = MlflowClient(store)
+    trials = client.search_runs([client.get_run(run_id).info.experiment_id],
+                                f"tags.`mlflow.parentRunId` = '{run_id}'")
+    assert len(trials) == len(rows)
+    for trial in trials:
+        assert trial.info.status == "FINISHED" and {"filters", "lr"} <= set(trial.data.params)
+        assert "score" in trial.data.metrics and "val_accuracy" in trial.data.metrics
+    artefacts = {a.path for a in client.list_artifacts(run_id, "search")}
+    assert artefacts == {"search/trials.csv", "search/trials.png"}
+
+
+def test_cnn_aug_builds_on_the_best_architecture(split_data):
+    overrides = (*split_data_overrides(split_data), *SMALL_CNN, *SPACE)
+    searched = cnn.run(load_config(*overrides))
+    best = json.loads((model_dir("cnn") / "best_hparams.json").read_text())["values"]
+    aug = cnn_aug.run(load_config(*overrides, "cnn_aug.init=scratch", "cnn_aug.train.epochs=1"))
+    assert aug["parameters"] == searched["parameters"]  # the same architecture, read from best_hparams.json
+    assert cnn_aug_architecture() == best["filters"]
+
+
+def cnn_aug_architecture() -> int:
+    """The first conv layer's filters in the saved cnn_aug model."""
+    import keras
+
+    model = keras.saving.load_model(model_dir("cnn_aug") / "model.keras", safe_mode=True)
+    return next(layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)).filters
+
+
+def test_search_disabled_trains_the_configured_values(split_data):
+    cnn.run(load_config(*split_data_overrides(split_data), *SMALL_CNN, "cnn.search.enabled=false"))
+    assert json.loads((model_dir("cnn") / "best_hparams.json").read_text()) == {"values": {}, "source": "config"}
+    assert not (model_dir("cnn") / "search").exists()
+
+
+def test_a_killed_search_resumes_without_redoing_finished_trials(split_data, tmp_path):
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    args = [sys.executable, "-m", "pipeline.stages.cnn", "profile=smoke", *split_data_overrides(split_data),
+            *SMALL_CNN, *SPACE[:3], "tuner.max_trials=4", "tuner.epochs=2", "tuner.subset=null",
+            f"tracking.uri={store}"]
+    env = {**os.environ, tracking.EXECUTION_ID_ENV: "killed"}
+    search = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done_before_kill = []
+    deadline = time.monotonic() + 240
+    while not done_before_kill:
+        assert search.poll() is None and time.monotonic() < deadline, "the search ended before it could be killed"
+        done_before_kill = [p.parent.name for p in (WORK_DIR / "cnn" / "search").glob("*/trial_*/trial.json")
+                            if json.loads(p.read_text())["status"] == "COMPLETED"]
+        time.sleep(0.2)
+    search.send_signal(signal.SIGKILL)
+    search.wait()
+
+    env[tracking.EXECUTION_ID_ENV] = "resumed"
+    subprocess.run(args, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert json.loads((model_dir("cnn") / "best_hparams.json").read_text())["trials"] == 4
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("fashion_mnist").experiment_id
+    resumed = client.search_runs([experiment], "tags.`pipeline.execution_id` = 'resumed' and "
+                                 "tags.`pipeline.trial` != ''")
+    rerun = {r.data.tags["pipeline.trial"] for r in resumed}
+    assert rerun and not rerun & {f"trial {name.removeprefix('trial_')}" for name in done_before_kill}
+
+
+def test_a_changed_space_starts_a_fresh_search(split_data):
+    base = (*split_data_overrides(split_data), *SMALL_CNN, *SPACE)
+    splits = load_splits(SPLIT_DIR)
+    for cfg in (load_config(*base), load_config(*base, "cnn.search.space.filters.choice=[2, 6]")):
+        tune("cnn", cfg.cnn, lambda c: build_cnn_from(c, splits.image_shape, 10), splits.train, splits.val,
+             cfg.tuner, cfg.seed)
+    with (model_dir("cnn") / "search" / "trials.csv").open() as fh:
+        assert {row["filters"] for row in csv.DictReader(fh)} <= {"2", "6"}  # no old trial mixed in
