@@ -1,5 +1,5 @@
 """Benchmark: the whole default pipeline (cpu profile, full Fashion-MNIST) from scratch, stage by stage,
-then the hand-set cnn without a search (the tuner's yardstick) and the smoke profile end to end; writes
+then the smoke profile end to end and the hand-set cnn without a search (the tuner's yardstick); writes
 docs/benchmarks.md with the machine and the date.
 
     python bench/run_pipeline.py                 # about 45 minutes on 2 CPU cores
@@ -119,8 +119,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "docs/benchmarks.md")
     args = parser.parse_args()
     times = run_pipeline()
-    default_val = None if args.skip_extras else default_cnn_val_accuracy()
     smoke = None if args.skip_extras else smoke_seconds()
+    default_val = None if args.skip_extras else default_cnn_val_accuracy()
     text = report(times, default_val, smoke)
     previous = args.out.read_text() if args.out.is_file() else ""
     notes = previous.split("\n## Notes", 1)[1] if "\n## Notes" in previous else "\n"
