@@ -50,7 +50,8 @@ def repo(tmp_path: Path) -> Path:
     return root
 
 
-SMALL = ["-S", "data=tiny", "-S", "profile=smoke", "-S", "cnn.filters=8", "-S", "cnn.dense_units=16"]
+SMALL = ["-S", "data=tiny", "-S", "profile=smoke", "-S", "cnn.filters=8", "-S", "cnn.dense_units=16",
+         "-S", "tuner.max_trials=1"]
 MODEL_STAGES = ("baseline", "cnn", "cnn_aug", "transfer", "finetune")
 
 
