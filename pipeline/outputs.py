@@ -92,11 +92,17 @@ def save_sklearn_model(stage: str, model, example: np.ndarray) -> Path:
     return path
 
 
+def stage_model_file(stage: str, needed_by: str) -> Path:
+    """models/<stage>/model.keras, for a stage that starts from it; a clear error if it is missing."""
+    path = model_dir(stage) / "model.keras"
+    if not path.is_file():
+        raise DataError(f"{path} not found: {needed_by} starts from the {stage} stage's model (dvc repro {stage})")
+    return path
+
+
 def load_keras_model(stage: str, needed_by: str):
     """models/<stage>/model.keras (safe mode) and its digest, for a stage that starts from it."""
     import keras  # here, so that the scikit-learn stage does not pay for importing Keras
 
-    path = model_dir(stage) / "model.keras"
-    if not path.is_file():
-        raise DataError(f"{path} not found: {needed_by} starts from the {stage} stage's model (dvc repro {stage})")
+    path = stage_model_file(stage, needed_by)
     return keras.saving.load_model(path, safe_mode=True), file_digest(path)

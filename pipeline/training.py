@@ -1,8 +1,8 @@
 """The one fit loop of every Keras stage: optimizer and schedule from config, early stopping on the
 validation split, best weights kept, and resume after an interruption.
 
-State lives in the stage's work directory (`models/.work/<stage>/`, outside DVC's outputs, which DVC
-deletes before a stage runs): `BackupAndRestore` saves the model and optimizer each epoch,
+State lives in the stage's work directory (`models/.work/<stage>/fit/`, outside DVC's outputs, which DVC
+deletes before a stage runs; frozen features and tuner state sit beside it): `BackupAndRestore` saves the model and optimizer each epoch,
 `history.csv` grows across resumes, and the best weights so far are checkpointed, so a killed run
 started again continues from its last finished epoch and still ends with the best epoch's weights.
 The state is keyed by a fingerprint of the run's settings: other settings start afresh.

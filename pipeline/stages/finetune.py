@@ -14,9 +14,10 @@ import keras
 
 from pipeline.cli import stage_main
 from pipeline.data.split import load_splits
+from pipeline.files import file_digest
 from pipeline.models.augment import build_augmentation, with_augmentation
 from pipeline.models.transfer import unfreeze_top_blocks
-from pipeline.outputs import fingerprint, load_keras_model
+from pipeline.outputs import fingerprint, load_keras_model, stage_model_file
 from pipeline.paths import SPLIT_DIR
 from pipeline.schema import Config
 from pipeline.training import run_keras_stage
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 def run(cfg: Config) -> dict:
     keras.utils.set_random_seed(cfg.seed)
     splits = load_splits(SPLIT_DIR)
-    _, source = load_keras_model("transfer", needed_by="finetune")
+    source = file_digest(stage_model_file("transfer", needed_by="finetune"))  # keys the resumable state
 
     def build(section):
         model, _ = load_keras_model("transfer", needed_by="finetune")  # afresh for every candidate
