@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt  # the Agg backend (files, no display): MPLBACKEND is set in pipeline/__init__.py
@@ -22,6 +23,8 @@ PAIRS = 10  # most-confused (true, predicted) pairs listed
 ANNOTATE_UP_TO = 20  # classes; more and the matrix cells are too small for numbers
 PAIR_FIELDS = ("true", "predicted", "count", "share_of_true")
 CLASS_FIELDS = ("class", "accuracy", "precision", "f1", "support")
+PREDICTION_FIELDS = ("index", "true", "predicted")  # then one probability column per class
+GRID_COLUMNS = 8  # images per row of a figure
 
 
 def write_analysis(dest: Path, y_true: np.ndarray, y_prob: np.ndarray, images: np.ndarray,
@@ -100,6 +103,46 @@ def read_matrix_csv(path: Path) -> tuple[np.ndarray, list[str]]:
     return np.array([[float(v) for v in row[1:]] for row in rows[1:]]), rows[0][1:]
 
 
+def write_predictions(path: Path, y_true: np.ndarray, y_prob: np.ndarray, classes: list[str]) -> None:
+    """Every test image's true and predicted class and class probabilities (6 significant digits), so that two
+    runs can be compared image by image later (`pipeline.compare`) without running either model again."""
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow([*PREDICTION_FIELDS, *classes])
+        for i, (true, prob) in enumerate(zip(y_true, y_prob, strict=True)):
+            writer.writerow([i, classes[true], classes[prob.argmax()], *(f"{p:.6g}" for p in prob)])
+
+
+@dataclass
+class Predictions:
+    """A model's test predictions as `write_predictions` wrote them, rows in test-set order."""
+
+    y_true: np.ndarray
+    predicted: np.ndarray  # as the stage decided it: the argmax of the unrounded probabilities
+    y_prob: np.ndarray
+    classes: list[str]
+
+    @property
+    def right(self) -> np.ndarray:
+        return self.predicted == self.y_true
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return self.y_prob[np.arange(len(self.predicted)), self.predicted]
+
+
+def read_predictions(path: Path) -> Predictions:
+    """The predictions that `write_predictions` wrote."""
+    with Path(path).open(newline="") as fh:
+        header, *rows = list(csv.reader(fh))
+    classes = header[len(PREDICTION_FIELDS):]
+    index = {name: i for i, name in enumerate(classes)}
+    rows.sort(key=lambda row: int(row[0]))
+    labels = np.array([[index[row[1]], index[row[2]]] for row in rows], dtype=np.int64).reshape(-1, 2)
+    y_prob = np.array([row[len(PREDICTION_FIELDS):] for row in rows], dtype=np.float64).reshape(-1, len(classes))
+    return Predictions(labels[:, 0], labels[:, 1], y_prob, classes)
+
+
 def draw_matrix(ax, matrix: np.ndarray, classes: list[str], title: str, fmt: str, diverging: bool = False) -> None:
     """A class-by-class heat map with class names, numbers in the cells when they fit."""
     limit = float(np.abs(matrix).max()) or 1.0
@@ -123,9 +166,28 @@ def plot_images(path: Path, images: np.ndarray, captions: Sequence[str],
                 overlays: np.ndarray | None = None) -> None:
     """A grid of images with captions, optionally with heat maps (values in [0, 1]) laid over them."""
     n = max(len(images), 1)
-    cols = min(n, 8)
+    cols = min(n, GRID_COLUMNS)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows), squeeze=False)
+    _draw_images(axes, images, captions, overlays, empty="no misclassified images")
+    _save(fig, path)
+
+
+def plot_image_sections(path: Path, sections: Sequence[tuple[str, np.ndarray, Sequence[str]]]) -> None:
+    """Captioned image grids, one titled section each, in one figure: (title, images, captions) per section."""
+    cols = min(max(len(images) for _, images, _ in sections) or 1, GRID_COLUMNS)
+    rows = [max(math.ceil(len(images) / cols), 1) for _, images, _ in sections]
+    fig = plt.figure(figsize=(max(1.6 * cols, 5), sum(2.3 * r + 0.4 for r in rows)), layout="constrained")
+    subfigures = np.atleast_1d(fig.subfigures(len(sections), 1, height_ratios=rows))
+    for sub, (title, images, captions), n_rows in zip(subfigures, sections, rows, strict=True):
+        _draw_images(sub.subplots(n_rows, cols, squeeze=False), images, captions, None, empty="none")
+        sub.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _draw_images(axes: np.ndarray, images: np.ndarray, captions: Sequence[str], overlays: np.ndarray | None,
+                 empty: str) -> None:
     for ax in axes.flat:
         ax.axis("off")
     for i, (ax, image) in enumerate(zip(axes.flat, images, strict=False)):
@@ -135,8 +197,7 @@ def plot_images(path: Path, images: np.ndarray, captions: Sequence[str],
             ax.imshow(overlays[i], cmap="jet", alpha=0.45, vmin=0, vmax=1)
         ax.set_title(captions[i], fontsize=6)
     if not len(images):
-        axes.flat[0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
-    _save(fig, path)
+        axes.flat[0].text(0.5, 0.5, empty, ha="center", va="center")
 
 
 def plot_history(path: Path, history: list[dict[str, float]]) -> None:
@@ -157,8 +218,13 @@ def plot_history(path: Path, history: list[dict[str, float]]) -> None:
 
 def caption(classes: list[str], true: int, prob: np.ndarray) -> str:
     """'true X / pred Y (confidence)', for a figure."""
+    return f"true {classes[true]}\npred {prediction_label(classes, prob)}"
+
+
+def prediction_label(classes: list[str], prob: np.ndarray) -> str:
+    """'Y (confidence)': the predicted class and its probability."""
     predicted = int(prob.argmax())
-    return f"true {classes[true]}\npred {classes[predicted]} ({prob[predicted]:.2f})"
+    return f"{classes[predicted]} ({prob[predicted]:.2f})"
 
 
 def _plot_per_class(path: Path, rows: list[dict]) -> None:

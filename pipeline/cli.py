@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from pipeline import config, tracking
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, Terminated
 from pipeline.schema import Config
 
 log = logging.getLogger("pipeline")
@@ -17,9 +18,10 @@ log = logging.getLogger("pipeline")
 
 def stage_main(run: Callable[[Config], Any]) -> None:
     """Load the validated config (params.yaml, or conf/ with overrides), run the stage inside its MLflow run,
-    exit 2 on bad input."""
+    exit 2 on bad input; on SIGTERM or SIGINT, end the runs KILLED and exit 143 or 130."""
     logging.basicConfig(level=os.environ.get("PIPELINE_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         cfg = config.load(overrides=sys.argv[1:])
         with tracking.stage_run(stage_name(run), cfg):
@@ -27,6 +29,16 @@ def stage_main(run: Callable[[Config], Any]) -> None:
     except PipelineError as e:
         log.error("%s", e)
         sys.exit(2)
+    except Terminated:
+        log.error("stopped by SIGTERM")
+        sys.exit(128 + signal.SIGTERM)
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        sys.exit(128 + signal.SIGINT)
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
 
 
 def stage_name(run: Callable) -> str:

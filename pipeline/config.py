@@ -48,14 +48,47 @@ def compose(overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> dict[st
 def load(path: Path = PARAMS_FILE, overrides: Sequence[str] = ()) -> Config:
     """The validated configuration: `params.yaml`, or `conf/` composed with `overrides` if any."""
     if overrides:
-        return validate(compose(overrides), source="conf/ + overrides")
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: not found; run `make params` to compose it from conf/") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
-    return validate(raw, source=str(path))
+        raw, source = compose(overrides), "conf/ + overrides"
+    else:
+        source = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: not found; run `make params` to compose it from conf/") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    cfg = validate(raw, source=source)
+    for key in overridden_search_keys(raw):
+        section, name = key.split(".", 1)
+        space = f"{section}.search.space.{name.removeprefix('train.')}"
+        raise ConfigError(f"{source}: {key} is overridden, but the {section} search sets it ({space}): turn the "
+                          f"search off ({section}.search.enabled=false) or take it out of the space (~{space})")
+    return cfg
+
+
+def overridden_search_keys(raw: dict[str, Any]) -> list[str]:
+    """The keys an active search sets whose value differs from what `conf/` gives them, for the profile chosen
+    and every option of the section's group: a `-S` override (or a hand edit of params.yaml) that the model
+    would never see."""
+    from pipeline.search_space import SEARCHABLE, flat_key
+
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), raw))  # raw is valid: validate ran
+    overridden = []
+    for section in SEARCHABLE:
+        config = getattr(cfg, section)
+        if not config.search.enabled:
+            continue
+        keys = [flat_key(section, config, name) for name in config.search.space]
+        options = sorted(p.stem for p in (CONF_DIR / section).glob("*.yaml"))
+        references = [compose([f"profile={raw['profile']}", f"{section}={option}"]) for option in options]
+        overridden += [key for key in keys if all(_at(raw, key) != _at(ref, key) for ref in references)]
+    return overridden
+
+
+def _at(tree: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def validate(raw: Any, source: str = "config") -> Config:
@@ -131,9 +164,9 @@ def _cross_field_errors(cfg: Config) -> list[str]:
             errors.append("data.source must point at a folder (or archive) of class sub-folders for image_folder")
         if set(data.files) - {"archive"}:
             errors.append("data.files takes only an optional 'archive' entry for format image_folder")
-    from pipeline.tuning import parse_space, tunable_names  # here: tuning needs this module's users loaded
+    from pipeline.search_space import SEARCHABLE, parse_space, tunable_names
 
-    for stage in ("cnn", "transfer", "finetune"):
+    for stage in SEARCHABLE:
         section = getattr(cfg, stage)
         try:
             parse_space(section.search.space, f"{stage}.search.space", tunable_names(section))

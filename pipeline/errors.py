@@ -11,3 +11,8 @@ class ConfigError(PipelineError, ValueError):
 
 class DataError(PipelineError):
     """The data cannot be fetched, verified or read."""
+
+
+class Terminated(BaseException):
+    """The process got SIGTERM (a scheduler's time limit, `timeout`, a stopping machine): unwind like Ctrl-C,
+    so that open runs end KILLED. A BaseException, so that no `except Exception` swallows it."""

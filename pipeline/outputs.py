@@ -16,7 +16,7 @@ import joblib
 import numpy as np
 
 from pipeline import tracking
-from pipeline.analysis import plot_history, write_analysis
+from pipeline.analysis import plot_history, write_analysis, write_predictions
 from pipeline.errors import DataError
 from pipeline.evaluation import evaluate, per_class
 from pipeline.files import atomic_path, file_digest, write_json
@@ -40,15 +40,19 @@ def predict_timed(predict, x: np.ndarray) -> tuple[np.ndarray, float]:
 def write_stage_outputs(stage: str, y_true: np.ndarray, y_prob: np.ndarray, classes: list[str], *,
                         images: np.ndarray, val_accuracy: float, fit_seconds: float, parameters: int,
                         images_per_second: float, history: list[dict[str, float]] | None = None,
-                        explain: Callable[[Path, np.ndarray], None] | None = None) -> dict[str, Any]:
-    """Write metrics/<stage>.json and plots/<stage>/ (curves, confusion CSVs, the confusion analysis of
-    `pipeline.analysis`, and what `explain` draws of the worst misclassified test images); log them to the
+                        explain: Callable[[Path, np.ndarray], None] | None = None,
+                        hparams: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write metrics/<stage>.json and plots/<stage>/ (curves, confusion CSVs, every test prediction, the confusion
+    analysis of `pipeline.analysis`, and what `explain` draws of the worst misclassified test images); log them to the
     stage's MLflow run, whose id the metrics name. Return the metrics."""
-    metrics: dict[str, Any] = {"test": evaluate(y_true, y_prob), "val_accuracy": val_accuracy}
+    # key order is `dvc exp show`'s column order: validation, then test accuracy first
+    metrics: dict[str, Any] = {"val_accuracy": val_accuracy, "test": evaluate(y_true, y_prob)}
     if history:
         metrics["epochs"] = len(history)
     metrics.update(fit_seconds=round(fit_seconds, 2), parameters=int(parameters),
                    inference_images_per_second=round(images_per_second, 1))
+    if hparams:  # the values the model trained with for its searched settings: `dvc exp show` lists them
+        metrics["hparams"] = hparams
     if run_id := tracking.active_run_id():
         metrics["mlflow_run_id"] = run_id
     plots = PLOTS_DIR / stage
@@ -59,6 +63,7 @@ def write_stage_outputs(stage: str, y_true: np.ndarray, y_prob: np.ndarray, clas
         predicted = y_prob.argmax(axis=1)
         _write_csv(tmp / "confusion.csv", [{"actual": classes[a], "predicted": classes[p]}
                                            for a, p in zip(y_true, predicted, strict=True)])
+        write_predictions(tmp / "test_predictions.csv", y_true, y_prob, classes)  # for pipeline.compare
         worst = write_analysis(tmp, y_true, y_prob, images, classes)
         if explain is not None:
             explain(tmp, worst)

@@ -163,6 +163,9 @@ class TrackingConfig:
     experiment: Optional[str] = setting(optional=True)  # null: the data set's name
     ui_host: str = setting()  # where `make ui` listens (a local store only): loopback unless told otherwise
     ui_port: int = setting(ge=1, le=65535)
+    system_metrics: bool = setting()  # MLflow's system metrics (CPU, memory, ...) on every stage run
+    system_metrics_interval_s: float = setting(ge=1.0)  # seconds between two samples
+    reproduce_tolerance: float = setting(ge=0.0, le=1.0)  # `make reproduce`: |accuracy difference| allowed
 
 
 @dataclass

@@ -14,11 +14,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import importlib.metadata
 import logging
 import os
 import re
+import socket
 import subprocess
 import types
 import urllib.request
@@ -36,8 +38,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model, infer_signature
 from PIL import Image
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, Terminated
 from pipeline.schema import Config, TrackingConfig
+from pipeline.search_space import space_keys
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,13 @@ DVC_YAML = Path(__file__).resolve().parent.parent / "dvc.yaml"
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI opens on training runs, not GenAI
 SERVER_TIMEOUT_S = 5
 EXECUTION_ID_ENV = "PIPELINE_EXECUTION_ID"
+PROCESS_TAG = "pipeline.process"  # host:pid:start of the process that owns a RUNNING run
+INTERRUPTS = (KeyboardInterrupt, Terminated)  # SIGINT, SIGTERM: the run ends KILLED
 RUN_ID = re.compile(r"[0-9a-f]{32}")
+KIND_TAG = "pipeline.kind"  # stage, trial (of a tuner search), execution, reused (a stage DVC skipped), compare
+
+
+logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # four INFO lines per run otherwise
 
 
 class TrackingError(PipelineError):
@@ -77,7 +86,7 @@ def connect(cfg: Config) -> str:
         _check_server(uri)
     mlflow.set_tracking_uri(uri)
     name = cfg.tracking.experiment or cfg.data.name
-    with _first_use_lock(uri):  # the first query creates a new store's tables
+    with _store_lock(uri):  # the first query creates a new store's tables
         experiment = mlflow.get_experiment_by_name(name)
         if experiment is None:
             location = artifact_root(uri)
@@ -95,14 +104,29 @@ def connect(cfg: Config) -> str:
 
 @contextlib.contextmanager
 def stage_run(stage: str, cfg: Config) -> Iterator[str]:
-    """One MLflow run around one execution of `stage`, tagged, with the stage's params and the composed config.
-
-    The run ends FAILED if the stage raises."""
+    """One MLflow run around one execution of `stage`: a child of its pipeline execution's run, tagged, with the
+    stage's params (but those a search space names, which the stage logs once it knows the values it trains with:
+    `tuning.record`) and the composed config. It ends FINISHED, FAILED if the stage raises, KILLED if it is
+    interrupted; so does the execution's run. Runs of this machine left RUNNING by a killed process are closed first."""
     experiment_id = connect(cfg)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags(stage, cfg)) as run:
-        mlflow.log_params(stage_params(stage, cfg))
-        mlflow.log_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), "config.yaml")
-        yield run.info.run_id
+    close_orphans(experiment_id)
+    parent = open_execution(experiment_id, cfg)
+    tags = {**run_tags(stage, cfg), "mlflow.parentRunId": parent}
+    mlflow.set_system_metrics_sampling_interval(cfg.tracking.system_metrics_interval_s)
+    status = "FAILED"
+    try:
+        with _run(experiment_id=experiment_id, run_name=stage, tags=tags,
+                  log_system_metrics=cfg.tracking.system_metrics) as run_id:
+            deferred = space_keys(cfg)
+            mlflow.log_params({k: v for k, v in stage_params(stage, cfg).items() if k not in deferred})
+            mlflow.log_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), "config.yaml")
+            yield run_id
+        status = "FINISHED"
+    except INTERRUPTS:
+        status = "KILLED"
+        raise
+    finally:
+        mlflow.MlflowClient().set_terminated(parent, status)
 
 
 @contextlib.contextmanager
@@ -113,10 +137,118 @@ def trial_run(name: str, params: dict[str, Any]) -> Iterator[str | None]:
         yield None
         return
     tags = {k: v for k, v in parent.data.tags.items() if k.startswith(("pipeline.", "dvc.", "git.", "mlflow.source"))}
-    with mlflow.start_run(experiment_id=parent.info.experiment_id, run_name=name, nested=True,
-                          tags={**tags, "pipeline.trial": name}) as run:
+    with _run(experiment_id=parent.info.experiment_id, run_name=name, nested=True,
+              tags={**tags, "pipeline.kind": "trial", "pipeline.trial": name}) as run_id:
         mlflow.log_params(params)
+        yield run_id
+
+
+@contextlib.contextmanager
+def _run(**start_run_args) -> Iterator[str]:
+    """`mlflow.start_run` that ends the run KILLED when the process is interrupted (SIGINT, SIGTERM), FAILED when
+    it raises, FINISHED otherwise (MLflow's own context manager knows no KILLED)."""
+    run = mlflow.start_run(**start_run_args)
+    status = "FAILED"
+    try:
         yield run.info.run_id
+        status = "FINISHED"
+    except INTERRUPTS:
+        status = "KILLED"
+        raise
+    finally:
+        mlflow.end_run(status)
+
+
+def open_execution(experiment_id: str, cfg: Config) -> str:
+    """The parent run of this pipeline execution (one `dvc repro`, `dvc exp run` or queued experiment), made by
+    its first stage and found by the others; set RUNNING, owned by this process, until the stage ends."""
+    client, key = mlflow.MlflowClient(), execution_id()
+    with _store_lock(store_uri(cfg.tracking)):
+        found = client.search_runs([experiment_id], f"tags.`pipeline.kind` = 'execution' and "
+                                   f"tags.`pipeline.execution_id` = '{key}'", max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            client.update_run(run_id, status="RUNNING")
+        else:
+            tags = {k: v for k, v in run_tags("", cfg).items() if k != "pipeline.stage"}
+            name = os.environ.get("DVC_EXP_NAME") or f"{'dvc' if _dvc_process() else 'by hand'} {key[:8]}"
+            run_id = client.create_run(experiment_id, run_name=name,
+                                       tags={**tags, "pipeline.kind": "execution"}).info.run_id
+    client.set_tag(run_id, PROCESS_TAG, process_key())
+    return run_id
+
+
+def execution_of_active_run() -> str | None:
+    """The execution run that the active stage run belongs to."""
+    run = mlflow.active_run()
+    return run.data.tags.get("mlflow.parentRunId") if run else None
+
+
+def log_ladder(stage: str, values: dict[str, float]) -> None:
+    """A stage's validation and test accuracy on its execution's run: the ladder of one execution, in one place."""
+    if parent := execution_of_active_run():
+        client = mlflow.MlflowClient()
+        for name, value in values.items():
+            client.log_metric(parent, f"{name}/{stage}", value)
+
+
+def log_reused(stage: str, source_run_id: str, values: dict[str, float], cfg: TrackingConfig) -> str | None:
+    """A light run in the active run's execution for a stage that DVC skipped, linking to the run that made its
+    outputs (and carrying its accuracies); None when that run is of this execution (the stage did run)."""
+    parent = execution_of_active_run()
+    client = mlflow.MlflowClient()
+    try:
+        source = client.get_run(source_run_id)
+    except MlflowException:
+        source = None
+    if parent is None or (source and source.data.tags.get("pipeline.execution_id") == execution_id()):
+        return None
+    tags = {k: v for k, v in mlflow.active_run().data.tags.items() if k.startswith(("pipeline.", "dvc.", "git.",
+                                                                                   "mlflow.source"))}
+    link = run_link(source_run_id, cfg) if source else None
+    note = (f"DVC skipped **{stage}** in this execution: its outputs are those of run "
+            f"[{source_run_id[:8]}]({link or '#'}).")
+    run = client.create_run(mlflow.active_run().info.experiment_id, run_name=f"{stage} (reused)", tags={
+        **tags, "pipeline.stage": stage, "pipeline.kind": "reused", "pipeline.reused_from": source_run_id,
+        "mlflow.parentRunId": parent, "mlflow.note.content": note})
+    for name, value in values.items():
+        client.log_metric(run.info.run_id, name, value)
+        client.log_metric(parent, f"{name}/{stage}", value)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def process_key() -> str:
+    """This process, as host:pid:start time, so that a later run can tell whether it is still alive."""
+    me = psutil.Process()
+    return f"{socket.gethostname()}:{me.pid}:{me.create_time():.3f}"
+
+
+def close_orphans(experiment_id: str) -> list[str]:
+    """End as KILLED the runs of this machine left RUNNING by a process that is gone (SIGKILL, power loss)."""
+    client, host = mlflow.MlflowClient(), socket.gethostname()
+    closed = []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
+        owner = run.data.tags.get(PROCESS_TAG, "")
+        owner_host, _, rest = owner.partition(":")
+        if owner_host != host or _alive(rest):
+            continue
+        client.set_tag(run.info.run_id, "mlflow.note.content",
+                       f"Closed as KILLED by a later run on {host}: process {rest.split(':')[0]} ended without "
+                       "closing it (killed with SIGKILL, or the machine stopped).")
+        client.set_terminated(run.info.run_id, "KILLED")
+        closed.append(run.info.run_id)
+    if closed:
+        log.warning("closed %d run(s) left RUNNING by a killed process: %s", len(closed), ", ".join(closed))
+    return closed
+
+
+def _alive(pid_and_start: str) -> bool:
+    pid, _, started = pid_and_start.partition(":")
+    try:
+        return abs(psutil.Process(int(pid)).create_time() - float(started)) < 0.01
+    except (psutil.Error, ValueError):
+        return False
 
 
 def active_run_id() -> str | None:
@@ -127,7 +259,7 @@ def active_run_id() -> str | None:
 def run_tags(stage: str, cfg: Config) -> dict[str, str]:
     """Stage, data set, profile, pipeline execution, DVC experiment and git state of this execution."""
     tags = {"pipeline.stage": stage, "pipeline.data": cfg.data.name, "pipeline.profile": cfg.profile,
-            "pipeline.execution_id": execution_id()}
+            "pipeline.execution_id": execution_id(), "pipeline.kind": "stage", PROCESS_TAG: process_key()}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
     commit = os.environ.get("DVC_EXP_BASELINE_REV") or _git("rev-parse", "HEAD")
@@ -143,15 +275,25 @@ def run_tags(stage: str, cfg: Config) -> dict[str, str]:
 
 def execution_id() -> str:
     """An id shared by the stages of one `dvc repro` / `dvc exp run`: PIPELINE_EXECUTION_ID if set, else derived
-    from the nearest `dvc` process this stage runs under (its pid and start time); a fresh one without."""
-    if os.environ.get(EXECUTION_ID_ENV):
-        return os.environ[EXECUTION_ID_ENV]
+    from the nearest `dvc` process this stage runs under (its pid and start time); without one, this process's."""
+    return os.environ.get(EXECUTION_ID_ENV) or _own_execution_id()
+
+
+@functools.cache
+def _own_execution_id() -> str:
+    if (process := _dvc_process()) is None:
+        return uuid.uuid4().hex[:12]
+    key = f"{os.uname().nodename}:{process.pid}:{process.create_time()}"
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def _dvc_process() -> psutil.Process | None:
+    """The nearest `dvc` process above this one, if any."""
     for process in psutil.Process().parents():
         with contextlib.suppress(psutil.Error):
             if _is_dvc(process.cmdline()):
-                key = f"{os.uname().nodename}:{process.pid}:{process.create_time()}"
-                return hashlib.sha256(key.encode()).hexdigest()[:12]
-    return uuid.uuid4().hex[:12]
+                return process
+    return None
 
 
 def stage_params(stage: str, cfg: Config) -> dict[str, Any]:
@@ -183,14 +325,25 @@ def log_splits(splits: dict[str, tuple[np.ndarray, np.ndarray]], source: Path) -
         return
     name = run.data.tags.get("pipeline.data", "data")
     for split, (x, y) in splits.items():
-        digest = hashlib.sha256()
-        for array in (x, y):
-            digest.update(np.ascontiguousarray(array).data)
         with warnings.catch_warnings():  # MLflow registers two sources for local paths, and says so each time
             warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
             dataset = mlflow.data.from_numpy(x, targets=y, source=str(source.resolve() / split), name=f"{name}-{split}",
-                                             digest=digest.hexdigest()[:16])
+                                             digest=split_digest(x, y))
         mlflow.log_input(dataset, context={"train": "training", "val": "validation"}.get(split, split))
+
+
+def split_digest(x: np.ndarray, y: np.ndarray) -> str:
+    """The digest a split is logged with: of its images and labels, so equal digests mean the same examples."""
+    digest = hashlib.sha256()
+    for array in (x, y):
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()[:16]
+
+
+def logged_test_digest(run: mlflow.entities.Run) -> str | None:
+    """The digest of the test split a run logged as its input (`log_splits`); None if it logged none."""
+    name = f"{run.data.tags.get('pipeline.data', 'data')}-test"
+    return next((d.dataset.digest for d in run.inputs.dataset_inputs if d.dataset.name == name), None)
 
 
 def log_epoch(logs: dict[str, float], epoch: int) -> None:
@@ -212,6 +365,8 @@ def log_results(metrics: dict[str, Any], per_class: dict[str, dict[str, float]],
         safe = re.sub(r"[^\w\-. ]", "_", name)
         values.update({f"test_{m}/{safe}": scores[m] for m in ("precision", "recall", "f1")})
     mlflow.log_metrics(values)
+    log_ladder(mlflow.active_run().data.tags.get("pipeline.stage", "stage"),
+               {"val_accuracy": metrics["val_accuracy"], "test_accuracy": metrics["test"]["accuracy"]})
     mlflow.log_artifacts(str(plots), "analysis")
     image = plots / "confusion_matrix.png"
     if image.is_file():  # as an image too: the UI's chart view shows the selected runs' matrices side by side
@@ -242,12 +397,54 @@ def log_sklearn_model(model, example: np.ndarray) -> None:
 
 
 def log_summary(values: dict[str, float], report: Path, tags: dict[str, str]) -> None:
-    """The report stage's numbers, its markdown report and tags (the best run)."""
+    """The report stage's numbers, its markdown report and tags (the best stage and run), the tags also on the
+    execution's run."""
     if mlflow.active_run() is None:
         return
     mlflow.log_metrics(values)
     mlflow.log_artifact(str(report))
     mlflow.set_tags(tags)
+    if parent := execution_of_active_run():
+        for key, value in tags.items():
+            mlflow.MlflowClient().set_tag(parent, key, value)
+
+
+def register_champion(run_id: str, model_name: str, val_accuracy: float) -> str | None:
+    """Register the run's logged model as a version of `model_name` (one registered model per data set) and move
+    the alias `champion` to it if it beats the champion's validation accuracy on the same validation split. Return
+    the champion's version; None without an active run."""
+    if mlflow.active_run() is None:
+        return None
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    models = [output.model_id for output in (run.outputs.model_outputs if run.outputs else [])]
+    if not models:
+        log.warning("run %s logged no model: nothing to register", run_id)
+        return None
+    val_digest = next((d.dataset.digest for d in run.inputs.dataset_inputs if d.dataset.name.endswith("-val")), "")
+    with contextlib.suppress(MlflowException):  # made by the first registration only
+        client.create_registered_model(model_name, description="The best stage of each pipeline execution, chosen "
+                                       "on the validation split; alias `champion` marks the best so far.")
+    versions = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    version = versions[0] if versions else client.create_model_version(
+        model_name, f"models:/{models[-1]}", run_id=run_id, tags={
+            "val_accuracy": f"{val_accuracy:.6f}", "val_digest": val_digest,
+            "stage": run.data.tags.get("pipeline.stage", ""), "pipeline.execution_id": execution_id()})
+    try:
+        champion = client.get_model_version_by_alias(model_name, "champion")
+    except MlflowException:
+        champion = None
+    if champion is None or (champion.tags.get("val_digest") == val_digest
+                            and float(champion.tags.get("val_accuracy", "-1")) < val_accuracy):
+        client.set_registered_model_alias(model_name, "champion", version.version)
+        log.info("%s version %s (run %s, val accuracy %.4f) is the champion", model_name, version.version,
+                 run_id[:8], val_accuracy)
+        return str(version.version)
+    if champion.tags.get("val_digest") != val_digest:
+        log.info("%s: champion (version %s) was chosen on another validation split; kept. Move it by hand: "
+                 "MlflowClient().set_registered_model_alias(%r, 'champion', %s)", model_name, champion.version,
+                 model_name, version.version)
+    return str(champion.version)
 
 
 def run_link(run_id: str, cfg: TrackingConfig) -> str | None:
@@ -262,19 +459,31 @@ def run_link(run_id: str, cfg: TrackingConfig) -> str | None:
 
 
 def find_run(ref: str, experiment_id: str) -> mlflow.entities.Run:
-    """A run by id, or the latest finished run of a stage by the stage's name."""
+    """A run by id, or the latest finished run of a stage by the stage's name: a stage run only, as tuner trials,
+    reused-stage and comparison runs carry the stage's tag too or come later."""
     client = mlflow.MlflowClient()
     if RUN_ID.fullmatch(ref):
         try:
             return client.get_run(ref)
         except MlflowException:
             raise TrackingError(f"no run {ref} in {mlflow.get_tracking_uri()}") from None
-    runs = client.search_runs([experiment_id], f"tags.`pipeline.stage` = '{ref}' and attributes.status = 'FINISHED'",
+    runs = client.search_runs([experiment_id], f"tags.`pipeline.stage` = '{ref}' and tags.`{KIND_TAG}` = 'stage' "
+                              "and attributes.status = 'FINISHED'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
-        raise TrackingError(f"'{ref}' is neither a run id nor a stage with a finished run in "
+        raise TrackingError(f"'{ref}' is neither a run id nor a stage with a finished stage run in "
                             f"{mlflow.get_tracking_uri()}")
     return runs[0]
+
+
+def log_comparison(experiment_id: str, name: str, tags: dict[str, str], metrics: dict[str, float],
+                   files: list[Path]) -> str:
+    """A top-level run of kind `compare` holding a comparison's numbers and files, so the UI shows it; its id."""
+    with _run(experiment_id=experiment_id, run_name=name, tags={**tags, KIND_TAG: "compare"}) as run_id:
+        mlflow.log_metrics(metrics)
+        for path in files:
+            mlflow.log_artifact(str(path))
+    return run_id
 
 
 def download(run_id: str, path: str, dest: Path) -> Path:
@@ -283,6 +492,18 @@ def download(run_id: str, path: str, dest: Path) -> Path:
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dest)))
     except (MlflowException, OSError):
         raise TrackingError(f"run {run_id} has no artifact {path}") from None
+
+
+def tag_run(run_id: str, tags: dict[str, str]) -> mlflow.entities.Run:
+    """Tag a finished run of the current store (e.g. a reproduction with the run it reproduces); the run, tagged.
+    A run the store does not hold is an error: it was logged elsewhere."""
+    client = mlflow.MlflowClient()
+    try:
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+        return client.get_run(run_id)
+    except MlflowException:
+        raise TrackingError(f"no run {run_id} in {mlflow.get_tracking_uri()}") from None
 
 
 def ui_command(cfg: TrackingConfig) -> list[str] | None:
@@ -312,9 +533,9 @@ def _check_server(uri: str) -> None:
 
 
 @contextlib.contextmanager
-def _first_use_lock(uri: str) -> Iterator[None]:
-    """Serialise the first use of a SQLite store: concurrent stages (`dvc queue start -j 2`) would both create
-    its tables. A server serialises its own."""
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialise the first use of a SQLite store (concurrent stages of `dvc queue start -j 2` would both create
+    its tables) and the making of an execution's run. A server serialises its own."""
     if not uri.startswith("sqlite:///"):
         yield
         return
@@ -337,6 +558,13 @@ def _git(*args: str) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return result.stdout.strip()
+
+
+def log_trained_params(values: dict[str, Any], source: str) -> None:
+    """The values a stage trains with for its searched settings, as its params, and their source as a tag."""
+    if mlflow.active_run() is not None:
+        mlflow.log_params(values)
+        mlflow.set_tag("pipeline.params_source", source)
 
 
 def log_trial_score(score: float) -> None:

@@ -2,10 +2,11 @@
 validation split, best weights kept, and resume after an interruption.
 
 State lives in the stage's work directory (`models/.work/<stage>/fit/`, outside DVC's outputs, which DVC
-deletes before a stage runs; frozen features and tuner state sit beside it): `BackupAndRestore` saves the model and optimizer each epoch,
-`history.csv` grows across resumes, and the best weights so far are checkpointed, so a killed run
-started again continues from its last finished epoch and still ends with the best epoch's weights.
-The state is keyed by a fingerprint of the run's settings: other settings start afresh.
+deletes before a stage runs; frozen features and tuner state sit beside it): `BackupAndRestore` saves the
+model and optimizer each epoch, `history.csv` grows across resumes, and the best weights so far are
+checkpointed, so a killed run started again continues from its last finished epoch and still ends with the
+best epoch's weights. The state is keyed by a fingerprint of the run's settings and by the digest of the
+stage's code (`pipeline.deps`): other settings, or changed code, start afresh.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
 
 from pipeline import tracking
 from pipeline.data.split import Arrays, Splits
+from pipeline.deps import code_digest
 from pipeline.files import atomic_path
 from pipeline.gradcam import write_gradcam
 from pipeline.outputs import predict_timed, save_keras_model, write_stage_outputs
@@ -119,9 +122,9 @@ def open_work_dir(work_dir: Path, fingerprint: str) -> None:
 
 def frozen_features(trunk: keras.Model, splits: Splits, stage: str) -> tuple[Arrays, Arrays]:
     """The frozen trunk's features of the train and val splits, computed once: kept in the stage's work dir
-    (keyed by the trunk's architecture and weights and the images), so that a resumed run, and the tuner's
-    trials, do not compute them again."""
-    digest = hashlib.sha256(trunk.to_json().encode())
+    (keyed by the stage's code, the trunk's architecture and weights and the images), so that a resumed run, and
+    the tuner's trials, do not compute them again."""
+    digest = hashlib.sha256((code_digest(stage) + trunk.to_json()).encode())
     for array in (*trunk.get_weights(), splits.train[0], splits.val[0]):
         digest.update(np.ascontiguousarray(array).data)
     directory = work_dir(stage) / "features"
@@ -152,14 +155,15 @@ def clear_work_dir(work_dir: Path) -> None:
 
 
 def run_keras_stage(stage: str, model: keras.Model, cfg: TrainConfig, splits: Splits, fingerprint: str,
-                    trunk: keras.Model | None = None) -> dict:
+                    trunk: keras.Model | None = None, hparams: dict[str, Any] | None = None) -> dict:
     """Compile, fit (resumably), evaluate once on the test split, write the stage's outputs and model.
 
     With a frozen `trunk`, `model` is a head trained on the trunk's features (computed once), and the
     model evaluated and saved is trunk + head, on images."""
     train, val = (splits.train, splits.val) if trunk is None else frozen_features(trunk, splits, stage)
     compile_model(model, cfg, len(train[1]))
-    result = fit(model, train, val, cfg, work_dir(stage) / "fit", fingerprint)
+    # keyed by the code too: a run resumed after a code change must not continue the old code's weights
+    result = fit(model, train, val, cfg, work_dir(stage) / "fit", f"{fingerprint}-{code_digest(stage)}")
     if trunk is not None:
         images = keras.Input(shape=trunk.input_shape[1:], dtype="uint8", name="image")
         model = keras.Model(images, model(trunk(images)), name=stage)
@@ -173,7 +177,7 @@ def run_keras_stage(stage: str, model: keras.Model, cfg: TrainConfig, splits: Sp
     metrics = write_stage_outputs(stage, y_test, y_prob, splits.classes, images=x_test, explain=explain,
                                   history=result.history, val_accuracy=result.history[result.best_epoch][MONITOR],
                                   fit_seconds=result.fit_seconds, parameters=model.count_params(),
-                                  images_per_second=speed)
+                                  images_per_second=speed, hparams=hparams)
     save_keras_model(stage, model, example=x_test[:3])
     clear_work_dir(work_dir(stage))
     log.info("%s: test accuracy %.4f (val %.4f, best epoch %d of %d)", stage, metrics["test"]["accuracy"],

@@ -7,8 +7,8 @@
         lr: {float: [1.0e-4, 3.0e-3], log: true}          # a name of the section, or of its `train`
         dropout: {float: [0.1, 0.4], step: 0.05, when: {batch_norm: [false]}}   # only for some parents
 
-`parse_space` checks a space (at config load, before any trial); `define` turns it into hp.Int / hp.Float /
-hp.Choice; `tune` runs the tuner of `conf/tuner` on a training subset, logs every trial as a nested MLflow
+`pipeline.search_space` checks a space (at config load, before any trial); `define` turns it into hp.Int /
+hp.Float / hp.Choice; `tune` runs the tuner of `conf/tuner` on a training subset, logs every trial as a nested MLflow
 run, writes models/<stage>/best_hparams.json and the trials table, and returns the section with the best
 values, which the stage then trains on the full training split. Tuner state lives in the stage's work dir,
 keyed by everything that defines the search: a killed search resumes its finished trials, and a changed
@@ -23,8 +23,7 @@ import hashlib
 import json
 import logging
 import shutil
-from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,77 +31,16 @@ import numpy as np
 
 from pipeline import tracking
 from pipeline.data.split import Arrays
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.deps import code_digest
+from pipeline.errors import PipelineError
 from pipeline.files import atomic_path, write_json
 from pipeline.paths import model_dir, work_dir
 from pipeline.schema import TunerConfig
+from pipeline.search_space import Param, parse_space, trained_values, tunable_names
 
 log = logging.getLogger(__name__)
 
-KINDS = ("int", "float", "choice")
-OPTIONS = ("step", "log", "when")
 BEST_FILE = "best_hparams.json"
-
-
-@dataclass(frozen=True)
-class Param:
-    name: str
-    kind: str  # one of KINDS
-    values: tuple  # (min, max) for int and float; the choices for choice
-    step: float | None = None
-    log: bool = False
-    when: tuple[str, tuple] | None = None  # (parent name, parent values) for which this parameter exists
-
-
-def tunable_names(section: Any) -> list[str]:
-    """What a space may name: the section's own settings, then those of its `train` budget."""
-    own = [f.name for f in dataclasses.fields(section) if f.name not in ("train", "search")]
-    return own + [f.name for f in dataclasses.fields(section.train) if f.name not in ("epochs", "patience")]
-
-
-def parse_space(space: dict[str, Any], key: str, allowed: Collection[str]) -> list[Param]:
-    """Check a declared space and return its parameters; a ConfigError naming `key.<name>` otherwise."""
-    params: dict[str, Param] = {}
-    for name, spec in space.items():
-        where = f"{key}.{name}"
-        if name not in allowed:
-            raise ConfigError(f"{where}: not a setting of this stage; searchable: {', '.join(allowed)}")
-        if not isinstance(spec, dict) or len([k for k in spec if k in KINDS]) != 1:
-            raise ConfigError(f"{where}: give exactly one of {', '.join(k + ': ...' for k in KINDS)}")
-        if unknown := [k for k in spec if k not in (*KINDS, *OPTIONS)]:
-            raise ConfigError(f"{where}: unknown option {unknown[0]!r}; allowed: {', '.join((*KINDS, *OPTIONS))}")
-        kind = next(k for k in spec if k in KINDS)
-        values, step, use_log = spec[kind], spec.get("step"), bool(spec.get("log", False))
-        if kind == "choice":
-            if not isinstance(values, list) or not values:
-                raise ConfigError(f"{where}: choice needs a non-empty list of values")
-            if len({type(v) for v in values}) > 1:
-                raise ConfigError(f"{where}: choice values must share one type, got {values}")
-        else:
-            if not (isinstance(values, list) and len(values) == 2 and all(
-                    isinstance(v, int | float) and not isinstance(v, bool) for v in values)):
-                raise ConfigError(f"{where}: {kind} needs [min, max], got {values!r}")
-            if kind == "int" and not all(isinstance(v, int) for v in values):
-                raise ConfigError(f"{where}: int needs whole numbers, got {values}")
-            if values[0] > values[1]:
-                raise ConfigError(f"{where}: min {values[0]} > max {values[1]}")
-            if use_log and values[0] <= 0:
-                raise ConfigError(f"{where}: log scale needs min > 0, got {values[0]}")
-            if step is not None and (step <= 0 or use_log):
-                raise ConfigError(f"{where}: step must be > 0 and cannot go with log: true")
-        when = spec.get("when")
-        if when is not None:
-            if not (isinstance(when, dict) and len(when) == 1):
-                raise ConfigError(f"{where}.when: give one parent, as {{parent: [values]}}")
-            (parent, parent_values), = when.items()
-            if parent not in params or params[parent].kind != "choice":
-                raise ConfigError(f"{where}.when: {parent} must be a choice declared before {name}")
-            parent_values = parent_values if isinstance(parent_values, list) else [parent_values]
-            if bad := [v for v in parent_values if v not in params[parent].values]:
-                raise ConfigError(f"{where}.when: {bad} not among {parent}'s choices {list(params[parent].values)}")
-            when = (parent, tuple(parent_values))
-        params[name] = Param(name, kind, tuple(values), step, use_log, when)
-    return list(params.values())
 
 
 def define(hp, params: list[Param]) -> dict[str, Any]:
@@ -128,6 +66,14 @@ def _declare(hp, p: Param):
     return hp.Float(p.name, float(p.values[0]), float(p.values[1]), step=p.step, sampling="log" if p.log else "linear")
 
 
+def record(key: str, section: Any, source: str) -> dict[str, Any]:
+    """Log the values `section` trains with for its space's settings as the stage run's params, and where they
+    came from (`search` or `config`); return them."""
+    values = trained_values(key, section)
+    tracking.log_trained_params(values, source)
+    return values
+
+
 def apply(section: Any, values: dict[str, Any]) -> Any:
     """The section with `values` set, each on the section itself or on its `train` budget."""
     own = {f.name for f in dataclasses.fields(section)}
@@ -136,11 +82,12 @@ def apply(section: Any, values: dict[str, Any]) -> Any:
 
 
 def read_best(stage: str) -> dict[str, Any]:
-    """The values models/<stage>/best_hparams.json carries forward (none when that stage did not search)."""
+    """models/<stage>/best_hparams.json: the searched `values` (none when that stage did not search), their
+    `source` and the values it `trained` with."""
     path = model_dir(stage) / BEST_FILE
     if not path.is_file():
         raise PipelineError(f"{path} not found: run the {stage} stage first (dvc repro {stage})")
-    return json.loads(path.read_text())["values"]
+    return json.loads(path.read_text())
 
 
 def tune(stage: str, section: Any, build: Callable[[Any], Any], train: Arrays, val: Arrays, tuner_cfg: TunerConfig,
@@ -151,8 +98,9 @@ def tune(stage: str, section: Any, build: Callable[[Any], Any], train: Arrays, v
     if section.search.enabled:
         params = parse_space(section.search.space, f"{stage}.search.space", tunable_names(section))
         best = _search(stage, section, params, build, train, val, tuner_cfg, seed)
-    write_json(model_dir(stage) / BEST_FILE, best)
-    return apply(section, best["values"])
+    chosen = apply(section, best["values"])
+    write_json(model_dir(stage) / BEST_FILE, {**best, "trained": record(stage, chosen, best["source"])})
+    return chosen
 
 
 def _search(stage, section, params, build, train, val, tuner_cfg, seed) -> dict[str, Any]:
@@ -236,9 +184,10 @@ def _subset(train: Arrays, size: int | None, seed: int) -> Arrays:
 
 
 def _search_key(stage, section, tuner_cfg, seed, *arrays) -> str:
-    """A digest of everything that defines a search, so that changed settings never mix with old trials."""
-    digest = hashlib.sha256(json.dumps([stage, dataclasses.asdict(section), dataclasses.asdict(tuner_cfg), seed],
-                                       sort_keys=True, default=str).encode())
+    """A digest of everything that defines a search (the stage's code included), so that changed settings, or
+    trials scored by older code, never mix with new trials."""
+    digest = hashlib.sha256(json.dumps([stage, code_digest(stage), dataclasses.asdict(section),
+                                        dataclasses.asdict(tuner_cfg), seed], sort_keys=True, default=str).encode())
     for a in arrays:
         digest.update(np.ascontiguousarray(a).data)
     return digest.hexdigest()[:16]

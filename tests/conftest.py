@@ -6,6 +6,7 @@ import collections
 import gzip
 import hashlib
 import http.server
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,22 @@ def split_data(idx_data, workdir):
     download.run(cfg)
     split.run(cfg)
     return cfg
+
+
+@pytest.fixture
+def code_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the `pipeline` package that stages' code digests are taken of (`pipeline.deps.ROOT`): editing a
+    module in it stands in for a change of the code between a killed run and its resumption."""
+    from pipeline import deps
+
+    root = tmp_path / "code"
+    shutil.copytree(deps.ROOT / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(deps, "ROOT", root)
+    return root
+
+
+def append(path: Path, text: str) -> None:
+    path.write_text(path.read_text() + text)
 
 
 @pytest.fixture(autouse=True)

@@ -3,21 +3,34 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
+import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from pipeline.data.download import SUMS_FILE, fetch_files, read_sums
+from pipeline.data.download import SOURCES_FILE, SUMS_FILE, fetch_files, read_sums
+from pipeline.data.split import load_split
 from pipeline.errors import DataError
-from tests.conftest import IDX_NAMES, load_config, write_idx_dataset
+from pipeline.paths import SPLIT_DIR
+from pipeline.stages import download, split
+from tests.conftest import IDX_NAMES, IdxData, load_config, write_idx_dataset
 
 
 def assert_complete(raw: Path, sha256: dict[str, str]) -> None:
     sums = read_sums(raw / SUMS_FILE)
     for key, digest in sha256.items():
         assert sums[IDX_NAMES[key]] == digest
-    assert sorted(p.name for p in raw.iterdir()) == sorted([*IDX_NAMES.values(), SUMS_FILE])
+    assert sorted(p.name for p in raw.iterdir()) == sorted([*IDX_NAMES.values(), SUMS_FILE, SOURCES_FILE])
+
+
+def md5_only(data: IdxData, *extra: str) -> list[str]:
+    """Overrides that configure `data` as MNIST is configured: only the md5 of each official .gz is known."""
+    md5 = {k: hashlib.md5((data.directory / f"{IDX_NAMES[k]}.gz").read_bytes()).hexdigest() for k in IDX_NAMES}
+    return [f"data.source={data.directory}", "data.mirrors=[]", *(f"data.files.{k}.sha256=null" for k in IDX_NAMES),
+            *(f"data.files.{k}.md5={v}" for k, v in md5.items()), *extra]
 
 
 def test_local_directory_gives_uncompressed_verified_files(idx_data, tmp_path):
@@ -102,21 +115,42 @@ def test_files_of_another_data_set_are_removed(idx_data, tmp_path):
 
 
 def test_md5_of_the_official_archive_verifies_when_no_sha256_is_known(idx_data, tmp_path):
-    import hashlib
-
-    md5 = {k: hashlib.md5((idx_data.directory / f"{IDX_NAMES[k]}.gz").read_bytes()).hexdigest() for k in IDX_NAMES}
-    overrides = [f"data.source={idx_data.directory}", "data.mirrors=[]"]
-    overrides += [f"data.files.{k}.sha256=null" for k in IDX_NAMES]
-    overrides += [f"data.files.{k}.md5={v}" for k, v in md5.items()]
+    overrides = md5_only(idx_data)
     raw = tmp_path / "raw"
     fetch_files(load_config(*overrides).data, raw, backoff_s=0)
     assert_complete(raw, idx_data.sha256)  # the content digest is recorded for later resumes
     # a later run trusts the recorded digest and does not need the source any more
     fetch_files(load_config(*overrides, "data.source=/nonexistent").data, raw, backoff_s=0)
-    # a wrong md5 is caught
-    (raw / IDX_NAMES["test_labels"]).unlink()
+    # a digest recorded under another md5 vouches for nothing: the file is verified again, and the wrong md5 caught
     with pytest.raises(DataError, match="checksum mismatch"):
         fetch_files(load_config(*overrides, f"data.files.test_labels.md5={'0' * 32}").data, raw, backoff_s=0)
+
+
+def test_switching_data_sets_never_passes_the_other_sets_files(workdir, tmp_path, caplog):
+    """As `dvc exp run -S data=mnist` after Fashion-MNIST: the same file names, and no content sha256 configured
+    for the second set, must still give the second set's pixels, and switching back the first's."""
+    caplog.set_level(logging.INFO, logger="pipeline")
+    first, second = write_idx_dataset(tmp_path / "first", seed=0), write_idx_dataset(tmp_path / "second", seed=1)
+    configs = {"first": load_config(*first.overrides("data.name=first")),  # content sha256s, as Fashion-MNIST
+               "second": load_config(*md5_only(second, "data.name=second"))}  # md5 of the .gz only, as MNIST
+
+    def download_and_split(name: str, data: IdxData) -> tuple[int, int]:
+        """Run both stages; check data/split holds `data`'s pixels; return (files fetched, files kept)."""
+        caplog.clear()
+        download.run(configs[name])
+        split.run(configs[name])
+        np.testing.assert_array_equal(load_split("test", SPLIT_DIR)[0][..., 0], data.arrays["test_images"])
+        train = np.concatenate([load_split(part, SPLIT_DIR)[0] for part in ("train", "val")])[..., 0]
+        assert sorted(map(bytes, train)) == sorted(map(bytes, data.arrays["train_images"]))
+        return caplog.text.count("fetched from"), caplog.text.count("already present and verified")
+
+    assert download_and_split("first", first) == (4, 0)
+    assert download_and_split("second", second) == (4, 0)  # the first set's digests vouch for none of its files
+    assert download_and_split("second", second) == (0, 4)  # its own recorded digests do
+    # back: the first set's content sha256s pass the one file whose bytes the sets share (test labels 0-9 repeated)
+    assert first.sha256["test_labels"] == second.sha256["test_labels"]
+    assert download_and_split("first", first) == (3, 1)
+    assert download_and_split("first", first) == (0, 4)
 
 
 def test_all_sources_down_is_one_clear_line(idx_data, tmp_path):

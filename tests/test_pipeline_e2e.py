@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow import MlflowClient
 
 from tests.conftest import REPO, write_idx_dataset
 
@@ -20,11 +22,14 @@ COPIED = ["conf", "pipeline", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.g
           "mlruns/.gitignore"]  # the MLflow store of the stages' runs is git-ignored, as in the project
 
 
+def environment() -> dict[str, str]:
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
+            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost"}
+
+
 def run(cwd: Path, *args: str) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
-           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost"}
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    result = subprocess.run(args, cwd=cwd, env=environment(), capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout + result.stderr
 
@@ -50,8 +55,7 @@ def repo(tmp_path: Path) -> Path:
     return root
 
 
-SMALL = ["-S", "data=tiny", "-S", "profile=smoke", "-S", "cnn.filters=8", "-S", "cnn.dense_units=16",
-         "-S", "tuner.max_trials=1"]
+SMALL = ["-S", "data=tiny", "-S", "profile=smoke", "-S", "tuner.max_trials=1"]
 MODEL_STAGES = ("baseline", "cnn", "cnn_aug", "transfer", "finetune")
 
 
@@ -66,15 +70,30 @@ def test_dvc_exp_run_composes_config_and_reruns_only_what_changed(repo):
     assert (repo / "data/split/train/x.npy").is_file()
     assert "up to date" in run(repo, "dvc", "status")
 
+    check_records(repo)
+
     # nothing changed: nothing runs
     out = run(repo, "dvc", "repro")
     assert "Running stage" not in out
 
-    # a model stage's own setting: only that stage (and the report) reruns
+    # a model stage's own setting: only that stage (and the report) reruns; the others appear as reused runs
     out = run(repo, "dvc", "exp", "run", *SMALL, "-S", "baseline.C=0.5")
     assert "Running stage 'baseline'" in out
     for stage in ("download", "split", *MODEL_STAGES[1:]):
         assert f"Stage '{stage}' didn't change, skipping" in out
+    client, experiment = store(repo)
+    [second] = client.search_runs([experiment], "tags.`pipeline.kind` = 'execution'", max_results=1,
+                                  order_by=["attributes.start_time DESC"])
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{second.info.run_id}'")
+    kinds = {r.data.tags["pipeline.stage"]: r.data.tags["pipeline.kind"] for r in children}
+    assert kinds == {"baseline": "stage", "report": "stage", **{s: "reused" for s in MODEL_STAGES[1:]}}
+
+    # a sweep over a key the search sets stops before any work, saying how to get out
+    failed = subprocess.run(["dvc", "exp", "run", *SMALL, "-S", "cnn.dropout=0.3"], cwd=repo, capture_output=True,
+                            text=True, env=environment())
+    assert failed.returncode != 0
+    assert "cnn.dropout is overridden, but the cnn search sets it" in failed.stdout + failed.stderr
+    assert "Traceback" not in failed.stdout + failed.stderr
 
     # metrics and plots are where dvc finds them
     assert set(json.loads(run(repo, "dvc", "metrics", "show", "--json"))[""]["data"]) >= {
@@ -98,3 +117,41 @@ def test_dvc_exp_run_composes_config_and_reruns_only_what_changed(repo):
     shown = json.loads(run(repo, "dvc", "exp", "show", "--json"))
     baseline = next(entry for entry in shown if entry["rev"] != "workspace")
     assert len(baseline["experiments"]) == 4  # `dvc exp show` lists every experiment
+
+    # its table opens on every stage's validation and test accuracy; data counts come after them
+    header = next(csv.reader(run(repo, "dvc", "exp", "show", "--csv").splitlines()))
+    accuracy = [header.index(f"metrics/{stage}.json:{key}") for stage in MODEL_STAGES
+                for key in ("val_accuracy", "test.accuracy")]
+    assert max(accuracy) < header.index("size.train") and not [h for h in header if "class_count" in h]
+
+
+def store(root: Path) -> tuple[MlflowClient, str]:
+    client = MlflowClient(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
+    return client, client.get_experiment_by_name("tiny").experiment_id
+
+
+def check_records(root: Path) -> None:
+    """After one `dvc exp run` with the search on: one tree, trained params, a champion, nothing RUNNING, compare."""
+    client, experiment = store(root)
+    runs = client.search_runs([experiment], "")
+    assert not [r.info.run_name for r in runs if r.info.status != "FINISHED"]
+    [execution] = [r for r in runs if r.data.tags["pipeline.kind"] == "execution"]
+    stages = {r.data.tags["pipeline.stage"]: r for r in runs if r.data.tags["pipeline.kind"] == "stage"}
+    assert set(stages) == {"download", "split", *MODEL_STAGES, "report"}
+    assert {r.data.tags["mlflow.parentRunId"] for r in stages.values()} == {execution.info.run_id}
+    assert execution.info.run_name == stages["cnn"].data.tags["dvc.exp_name"]
+    trials = [r for r in runs if r.data.tags["pipeline.kind"] == "trial"]
+    assert trials and {r.data.tags["mlflow.parentRunId"] for r in trials} == {stages["cnn"].info.run_id}
+
+    trained = json.loads((root / "models/cnn/best_hparams.json").read_text())["trained"]
+    assert {k: stages["cnn"].data.params[k] for k in trained} == {k: str(v) for k, v in trained.items()}
+    summary = json.loads((root / "metrics/summary.json").read_text())
+    best = max(summary["stages"], key=lambda s: summary["stages"][s]["val_accuracy"])
+    assert summary["best"]["stage"] == best == execution.data.tags["best_stage"]
+    assert client.get_model_version_by_alias("tiny", "champion").run_id == stages[best].info.run_id
+    assert execution.data.metrics["val_accuracy/cnn"] == json.loads((root / "metrics/cnn.json").read_text())[
+        "val_accuracy"]
+
+    printed = run(root, sys.executable, "-m", "pipeline.compare", "cnn", "cnn_aug")
+    assert "McNemar exact test" in printed and (root / "compare" / "flipped.csv").is_file()
+

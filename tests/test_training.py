@@ -8,9 +8,9 @@ import pytest
 
 from pipeline.data.split import load_splits
 from pipeline.models.cnn import build_cnn_from
-from pipeline.paths import SPLIT_DIR
-from pipeline.training import compile_model, fit, read_history
-from tests.conftest import load_config
+from pipeline.paths import SPLIT_DIR, work_dir
+from pipeline.training import compile_model, fit, frozen_features, read_history, run_keras_stage
+from tests.conftest import append, load_config
 
 
 class Interrupt(Exception):
@@ -39,7 +39,7 @@ def make_model(cfg, splits):
 @pytest.fixture
 def setup(split_data, tmp_path):
     cfg = load_config("cnn.filters=4", "cnn.blocks=1", "cnn.dense_units=8", "cnn.train.epochs=4",
-                      "cnn.train.patience=10", "cnn.train.batch_size=64")
+                      "cnn.train.patience=10", "cnn.train.batch_size=64", "cnn.search.enabled=false")
     return cfg, load_splits(SPLIT_DIR), tmp_path / "work"
 
 
@@ -81,3 +81,39 @@ def test_best_epoch_weights_are_kept(setup):
     assert accuracy == pytest.approx(best, abs=1e-6)
     assert result.history[result.best_epoch]["val_accuracy"] == best
     assert all(np.isfinite(row["learning_rate"]) for row in result.history)
+
+
+def test_a_stage_resumes_with_the_same_code_and_starts_afresh_after_a_change(setup, code_copy):
+    cfg, splits, _ = setup
+    epochs_run = []
+    counter = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: epochs_run.append(epoch))
+
+    def run_stage(*callbacks):
+        model = with_callbacks(make_model(cfg, splits), counter, *callbacks)
+        return run_keras_stage("cnn", model, cfg.cnn.train, splits, fingerprint="settings")
+
+    with pytest.raises(Interrupt):
+        run_stage(StopAfter(2))
+    with pytest.raises(Interrupt):
+        run_stage(StopAfter(3))  # the same code: continues after epoch 2, and is killed again
+    assert epochs_run == [0, 1, 2]
+
+    append(code_copy / "pipeline/models/cnn.py", "# a fix\n")  # the cnn stage's code changes before the resume
+    epochs_run.clear()
+    metrics = run_stage()
+    assert epochs_run == [0, 1, 2, 3] and metrics["epochs"] == 4  # no epoch of the old code's weights is kept
+
+
+def test_frozen_features_are_keyed_by_the_stages_code(split_data, code_copy):
+    splits = load_splits(SPLIT_DIR)
+    trunk = keras.Sequential([keras.Input(splits.image_shape), keras.layers.Flatten()])
+    key_file = work_dir("transfer") / "features" / "fingerprint"
+
+    def key() -> str:
+        frozen_features(trunk, splits, "transfer")
+        return key_file.read_text()
+
+    first = key()
+    assert key() == first
+    append(code_copy / "pipeline/models/transfer.py", "# a fix\n")
+    assert key() != first

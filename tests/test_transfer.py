@@ -12,10 +12,11 @@ import pytest
 from pipeline.errors import ConfigError, DataError
 from pipeline.models.transfer import (
     HED_BGR_MEAN,
-    BackboneInput,
+    IMAGENET_BGR_MEAN,
     build_head,
     build_trunk,
     hed_weights_file,
+    input_adapter,
     load_hed_weights,
     unfreeze_top_blocks,
 )
@@ -47,13 +48,37 @@ def test_hed_weights_from_a_wrong_file_are_refused(tmp_path):
         load_hed_weights(keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)), bad)
 
 
-def test_backbone_input_resizes_greys_and_preprocesses():
-    grey = np.full((2, 28, 28, 1), 200, np.uint8)
-    caffe = keras.ops.convert_to_numpy(BackboneInput(32, "caffe", HED_BGR_MEAN)(grey))
-    assert caffe.shape == (2, 32, 32, 3)
-    np.testing.assert_allclose(caffe[0, 5, 5], 200 - np.array(HED_BGR_MEAN), rtol=1e-5)
-    tf_mode = keras.ops.convert_to_numpy(BackboneInput(28, "tf")(grey))
-    np.testing.assert_allclose(tf_mode[0, 0, 0], [200 / 127.5 - 1] * 3, rtol=1e-5)
+def former_adapter(images: np.ndarray, size: int, preprocessing: str, mean: tuple[float, ...]) -> np.ndarray:
+    """What the former custom input layer computed: resize, repeat to 3 channels, flip + mean or x / 127.5 - 1."""
+    x = keras.ops.cast(images, "float32")
+    if images.shape[1:3] != (size, size):
+        x = keras.ops.image.resize(x, (size, size), interpolation="bilinear")
+    if images.shape[-1] == 1:
+        x = keras.ops.repeat(x, 3, axis=-1)
+    if preprocessing == "caffe":
+        x = keras.ops.flip(x, axis=-1) - keras.ops.convert_to_tensor(mean, dtype="float32")
+    elif preprocessing == "tf":
+        x = x / 127.5 - 1.0
+    return keras.ops.convert_to_numpy(x)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize(("size", "preprocessing", "mean"), [
+    (32, "caffe", HED_BGR_MEAN), (32, "caffe", IMAGENET_BGR_MEAN), (32, "tf", IMAGENET_BGR_MEAN),
+    (32, "raw", IMAGENET_BGR_MEAN), (28, "caffe", HED_BGR_MEAN)])
+def test_input_adapter_computes_what_the_former_layer_did(channels, size, preprocessing, mean):
+    images = np.random.default_rng(channels).integers(0, 256, (4, 28, 28, channels), dtype=np.uint8)
+    inputs = keras.Input((28, 28, channels), dtype="uint8")
+    adapter = keras.Model(inputs, input_adapter(inputs, size, preprocessing, mean))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(adapter(images)),
+                               former_adapter(images, size, preprocessing, mean), rtol=1e-6, atol=1e-5)
+    assert all(getattr(keras.layers, type(layer).__name__) is type(layer) for layer in adapter.layers)  # built-ins
+    assert not adapter.trainable_weights and len(adapter.non_trainable_weights) == 2  # one fixed 1 x 1 conv
+
+
+def test_input_adapter_refuses_other_channel_counts():
+    with pytest.raises(DataError, match="1 or 3 channels, not 4"):
+        input_adapter(keras.Input((28, 28, 4), dtype="uint8"), 32, "caffe")
 
 
 def test_cut_and_head_shapes(hed_cfg):
@@ -90,6 +115,6 @@ def test_unfreezing_more_blocks_than_the_trunk_has(hed_cfg):
     model = keras.Model(images, build_head(hed_cfg, trunk.output_shape[1:], 10)(trunk(images)))
     assert unfreeze_top_blocks(model, "vgg16", 2) == ["block2", "block3"]
     assert {w.path.split("/")[0] for w in model.trainable_weights} >= {"block2_conv1", "block3_conv3"}
-    assert not any(w.path.startswith("block1") for w in model.trainable_weights)
+    assert not any(w.path.startswith(("block1", "backbone_input")) for w in model.trainable_weights)
     with pytest.raises(ConfigError, match="finetune.unfreeze_blocks=4: the transfer model's vgg16 trunk has 3 blocks"):
         unfreeze_top_blocks(model, "vgg16", 4)

@@ -12,6 +12,7 @@ import sys
 import time
 
 import keras_tuner
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
@@ -20,13 +21,15 @@ from pipeline.data.split import load_splits
 from pipeline.errors import ConfigError
 from pipeline.models.cnn import build_cnn_from
 from pipeline.paths import SPLIT_DIR, WORK_DIR, model_dir
+from pipeline.search_space import parse_space, tunable_names
 from pipeline.stages import cnn, cnn_aug
-from pipeline.tuning import define, parse_space, tunable_names, tune
-from tests.conftest import load_config
+from pipeline.tuning import _search_key, define, tune
+from tests.conftest import append, load_config
 from tests.test_model_stages import SMALL_CNN, split_data_overrides
 
 SPACE = ("~cnn.search.space", "+cnn.search.space={filters: {choice: [4, 8]}, lr: {float: [1.0e-3, 1.0e-2], log: true}}",
          "cnn.search.enabled=true", "tuner.max_trials=2", "tuner.epochs=1", "tuner.subset=null")
+SEARCHED_CNN = (*(o for o in SMALL_CNN if not o.startswith("cnn.filters=")), *SPACE)  # the search sets filters
 
 
 @pytest.mark.parametrize("space, message", [
@@ -67,7 +70,7 @@ def test_two_trial_search_logs_nested_runs_and_carries_the_best_forward(split_da
     monkeypatch.setenv(tracking.EXECUTION_ID_ENV, "test")
     store = f"sqlite:///{tmp_path / 'store.db'}"
     extra = ("tuner.epochs=2",) if kind == "hyperband" else ()  # factor 3: one bracket of 2-epoch trials
-    cfg = load_config(*split_data_overrides(split_data), *SMALL_CNN, *SPACE, *extra, f"tuner.kind={kind}",
+    cfg = load_config(*split_data_overrides(split_data), *SEARCHED_CNN, *extra, f"tuner.kind={kind}",
                       f"tracking.uri={store}")
     splits = load_splits(SPLIT_DIR)
     with tracking.stage_run("cnn", cfg) as run_id:
@@ -95,7 +98,7 @@ def test_two_trial_search_logs_nested_runs_and_carries_the_best_forward(split_da
 
 
 def test_cnn_aug_builds_on_the_best_architecture(split_data):
-    overrides = (*split_data_overrides(split_data), *SMALL_CNN, *SPACE)
+    overrides = (*split_data_overrides(split_data), *SEARCHED_CNN)
     searched = cnn.run(load_config(*overrides))
     best = json.loads((model_dir("cnn") / "best_hparams.json").read_text())["values"]
     aug = cnn_aug.run(load_config(*overrides, "cnn_aug.init=scratch", "cnn_aug.train.epochs=1"))
@@ -113,14 +116,16 @@ def cnn_aug_architecture() -> int:
 
 def test_search_disabled_trains_the_configured_values(split_data):
     cnn.run(load_config(*split_data_overrides(split_data), *SMALL_CNN, "cnn.search.enabled=false"))
-    assert json.loads((model_dir("cnn") / "best_hparams.json").read_text()) == {"values": {}, "source": "config"}
+    assert json.loads((model_dir("cnn") / "best_hparams.json").read_text()) == {"values": {}, "source": "config",
+                                                                                "trained": {
+        "cnn.blocks": 2, "cnn.filters": 8, "cnn.dropout": 0.25, "cnn.dense_units": 16, "cnn.train.lr": 1e-3}}
     assert not (model_dir("cnn") / "search").exists()
 
 
 def test_a_killed_search_resumes_without_redoing_finished_trials(split_data, tmp_path):
     store = f"sqlite:///{tmp_path / 'store.db'}"
     args = [sys.executable, "-m", "pipeline.stages.cnn", "profile=smoke", *split_data_overrides(split_data),
-            *SMALL_CNN, *SPACE[:3], "tuner.max_trials=3", "tuner.epochs=2", "tuner.subset=null",
+            *SEARCHED_CNN[:-3], "tuner.max_trials=3", "tuner.epochs=2", "tuner.subset=null",
             f"tracking.uri={store}"]
     env = {**os.environ, tracking.EXECUTION_ID_ENV: "killed"}
     search = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -146,10 +151,23 @@ def test_a_killed_search_resumes_without_redoing_finished_trials(split_data, tmp
 
 
 def test_a_changed_space_starts_a_fresh_search(split_data):
-    base = (*split_data_overrides(split_data), *SMALL_CNN, *SPACE)
+    base = (*split_data_overrides(split_data), *SEARCHED_CNN)
     splits = load_splits(SPLIT_DIR)
     for cfg in (load_config(*base), load_config(*base, "cnn.search.space.filters.choice=[2, 6]")):
         tune("cnn", cfg.cnn, lambda c: build_cnn_from(c, splits.image_shape, 10), splits.train, splits.val,
              cfg.tuner, cfg.seed)
     with (model_dir("cnn") / "search" / "trials.csv").open() as fh:
         assert {row["filters"] for row in csv.DictReader(fh)} <= {"2", "6"}  # no old trial mixed in
+
+
+def test_a_change_of_the_stages_code_starts_a_fresh_search(code_copy):
+    cfg = load_config()
+    arrays = (np.arange(8, dtype=np.uint8).reshape(4, 2), np.arange(4, dtype=np.uint8))
+
+    def key() -> str:
+        return _search_key("cnn", cfg.cnn, cfg.tuner, cfg.seed, *arrays)
+
+    before = key()
+    assert key() == before  # the same code and settings: the finished trials are resumed
+    append(code_copy / "pipeline/models/cnn.py", "# a fix\n")
+    assert key() != before

@@ -4,7 +4,12 @@ A source is a local directory or an http(s)/file URL base; each file is tried at
 (as `<name>.gz`, then `<name>`), with retries for network sources. Files are stored uncompressed and
 verified by the sha256 of their content, which is the same whichever mirror (or recompression) they
 came from; where only the official archive's md5 is known, that is checked and the content's sha256
-is recorded in `SHA256SUMS`. A file already present with the right digest is not fetched again.
+is recorded. A file already present with the right digest is not fetched again.
+
+`SHA256SUMS` (for `sha256sum -c`) holds the content digests; `SOURCES.json` says what each was verified
+against: the data set's name and the checksums configured for the file. A recorded digest vouches for a
+file only while both match the current config: MNIST and Fashion-MNIST share file names, and MNIST has no
+content sha256 in its config, so a digest recorded for one data set must never pass the other's files.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
+import json
 import logging
 import shutil
 import tempfile
@@ -23,12 +29,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from pipeline.errors import DataError
-from pipeline.files import atomic_path, file_digest
+from pipeline.files import atomic_path, file_digest, write_json
 from pipeline.schema import DataConfig, SourceFile
 
 log = logging.getLogger(__name__)
 
 SUMS_FILE = "SHA256SUMS"
+SOURCES_FILE = "SOURCES.json"
 _CHUNK = 1 << 20
 
 
@@ -52,19 +59,41 @@ def is_url(source: str) -> bool:
 def fetch_files(data: DataConfig, dest: Path, backoff_s: float = 1.0) -> dict[str, str]:
     """Make `dest` hold exactly the data set's files, verified; return {file name: content sha256}."""
     dest.mkdir(parents=True, exist_ok=True)
-    recorded = read_sums(dest / SUMS_FILE)
+    recorded = read_sources(dest / SOURCES_FILE, data.name)
     sums: dict[str, str] = {}
     for spec in data.files.values():
         target = dest / spec.name
-        expected = spec.sha256 or recorded.get(spec.name)
+        expected = spec.sha256 or _trusted(recorded.get(spec.name), spec)
         if target.is_file() and expected and file_digest(target) == expected:
             log.info("%s: already present and verified", target)
             sums[spec.name] = expected
             continue
         sums[spec.name] = _fetch_from_any(data, spec, target, backoff_s)
     write_sums(dest / SUMS_FILE, sums)
-    remove_strays(dest, keep=set(sums) | {SUMS_FILE})
+    write_json(dest / SOURCES_FILE, {"data": data.name, "files": {
+        spec.name: {"sha256": sums[spec.name], "verified_against": _checksums(spec)} for spec in data.files.values()}})
+    remove_strays(dest, keep=set(sums) | {SUMS_FILE, SOURCES_FILE})
     return sums
+
+
+def _checksums(spec: SourceFile) -> dict[str, str | None]:
+    """What the config says a file is verified against."""
+    return {"sha256": spec.sha256, "md5": spec.md5}
+
+
+def _trusted(entry: dict | None, spec: SourceFile) -> str | None:
+    """The content sha256 recorded for the file, if it was verified against the checksums configured now."""
+    return entry["sha256"] if entry and entry.get("verified_against") == _checksums(spec) else None
+
+
+def read_sources(path: Path, data_name: str) -> dict[str, dict]:
+    """The `SOURCES.json` entries by file name ({sha256, verified_against}), if they were recorded for the data set
+    `data_name`; none otherwise (no manifest: a workspace of an older version, whose digests say not what for)."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+    return manifest.get("files", {}) if manifest.get("data") == data_name else {}
 
 
 def _fetch_from_any(data: DataConfig, spec: SourceFile, target: Path, backoff_s: float) -> str:

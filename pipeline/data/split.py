@@ -1,7 +1,8 @@
 """Stratified, seeded train / validation (/ test) splits, stored as compact uint8 arrays.
 
 `data/split/<split>/x.npy` holds images (N, height, width, channels) and `y.npy` labels; `meta.json`
-the class names and image shape. The same raw data, config and seed give byte-identical files.
+the class names, the image shape and the count of each class in each split. The same raw data, config
+and seed give byte-identical files.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ def write_splits(splits: dict[str, Arrays], classes: list[str], dest: Path) -> N
             (tmp / name).mkdir()
             np.save(tmp / name / "x.npy", np.ascontiguousarray(x, dtype=np.uint8))
             np.save(tmp / name / "y.npy", np.ascontiguousarray(y, dtype=np.uint8))
-        meta = {"classes": classes, "image_shape": list(splits["train"][0].shape[1:])}
+        meta = {"classes": classes, "image_shape": list(splits["train"][0].shape[1:]),
+                "class_count": class_counts(splits, classes)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
@@ -133,6 +135,6 @@ def load_splits(root: Path) -> Splits:
 
 
 def class_counts(splits: dict[str, Arrays], classes: list[str]) -> dict[str, dict[str, int]]:
-    """{split: {class name: count}}, for metrics/split.json."""
+    """{split: {class name: count}}, for meta.json (not a metric: three columns per class in `dvc exp show`)."""
     return {name: {c: int(n) for c, n in zip(classes, np.bincount(y, minlength=len(classes)), strict=True)}
             for name, (_, y) in splits.items()}

