@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: help setup data-package browser repro test test-fast ui compare params lint
+.PHONY: help setup data-package browser repro test test-fast ui compare reproduce params lint
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ ui: setup ## the MLflow UI on the project's store: http://127.0.0.1:5000 (loopba
 
 compare: setup ## two runs side by side: make compare A=cnn B=cnn_aug (run ids or stage names)
 	python -m pipeline.compare $(A) $(B)
+
+reproduce: setup ## run a logged stage run again from its commit and params, and compare: make reproduce RUN=<run id> [TOL=0.01]
+	python -m pipeline.reproduce $(RUN) $(if $(TOL),--tolerance $(TOL))
 
 params: setup ## regenerate params.yaml from conf/ (commit both)
 	python -m pipeline.config

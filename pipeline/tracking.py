@@ -22,6 +22,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import types
 import urllib.request
 import uuid
@@ -138,7 +139,7 @@ def trial_run(name: str, params: dict[str, Any]) -> Iterator[str | None]:
         return
     tags = {k: v for k, v in parent.data.tags.items() if k.startswith(("pipeline.", "dvc.", "git.", "mlflow.source"))}
     with _run(experiment_id=parent.info.experiment_id, run_name=name, nested=True,
-              tags={**tags, "pipeline.kind": "trial", "pipeline.trial": name}) as run_id:
+              tags={**tags, KIND_TAG: "trial", "pipeline.trial": name}) as run_id:
         mlflow.log_params(params)
         yield run_id
 
@@ -173,7 +174,7 @@ def open_execution(experiment_id: str, cfg: Config) -> str:
             tags = {k: v for k, v in run_tags("", cfg).items() if k != "pipeline.stage"}
             name = os.environ.get("DVC_EXP_NAME") or f"{'dvc' if _dvc_process() else 'by hand'} {key[:8]}"
             run_id = client.create_run(experiment_id, run_name=name,
-                                       tags={**tags, "pipeline.kind": "execution"}).info.run_id
+                                       tags={**tags, KIND_TAG: "execution"}).info.run_id
     client.set_tag(run_id, PROCESS_TAG, process_key())
     return run_id
 
@@ -209,7 +210,7 @@ def log_reused(stage: str, source_run_id: str, values: dict[str, float], cfg: Tr
     note = (f"DVC skipped **{stage}** in this execution: its outputs are those of run "
             f"[{source_run_id[:8]}]({link or '#'}).")
     run = client.create_run(mlflow.active_run().info.experiment_id, run_name=f"{stage} (reused)", tags={
-        **tags, "pipeline.stage": stage, "pipeline.kind": "reused", "pipeline.reused_from": source_run_id,
+        **tags, "pipeline.stage": stage, KIND_TAG: "reused", "pipeline.reused_from": source_run_id,
         "mlflow.parentRunId": parent, "mlflow.note.content": note})
     for name, value in values.items():
         client.log_metric(run.info.run_id, name, value)
@@ -259,7 +260,7 @@ def active_run_id() -> str | None:
 def run_tags(stage: str, cfg: Config) -> dict[str, str]:
     """Stage, data set, profile, pipeline execution, DVC experiment and git state of this execution."""
     tags = {"pipeline.stage": stage, "pipeline.data": cfg.data.name, "pipeline.profile": cfg.profile,
-            "pipeline.execution_id": execution_id(), "pipeline.kind": "stage", PROCESS_TAG: process_key()}
+            "pipeline.execution_id": execution_id(), KIND_TAG: "stage", PROCESS_TAG: process_key()}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
     commit = os.environ.get("DVC_EXP_BASELINE_REV") or _git("rev-parse", "HEAD")
@@ -511,8 +512,8 @@ def ui_command(cfg: TrackingConfig) -> list[str] | None:
     uri = store_uri(cfg)
     if uri.startswith(("http://", "https://")):
         return None
-    command = ["mlflow", "ui", "--backend-store-uri", uri, "--host", cfg.ui_host, "--port", str(cfg.ui_port),
-               "--workers", "1"]  # one person's UI: more workers only slow its start on 2 cores
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", cfg.ui_host,
+               "--port", str(cfg.ui_port), "--workers", "1"]  # one person's UI: more workers only slow its start
     root = artifact_root(uri)
     return command + (["--default-artifact-root", root] if root else [])
 

@@ -1,11 +1,4 @@
-"""keras-tuner searches over spaces declared in YAML, next to each stage's settings:
-
-    search:
-      enabled: true
-      space:
-        filters: {choice: [16, 32, 48]}
-        lr: {float: [1.0e-4, 3.0e-3], log: true}          # a name of the section, or of its `train`
-        dropout: {float: [0.1, 0.4], step: 0.05, when: {batch_norm: [false]}}   # only for some parents
+"""keras-tuner searches over the spaces declared in YAML beside each stage's settings (`pipeline.search_space`).
 
 `pipeline.search_space` checks a space (at config load, before any trial); `define` turns it into hp.Int /
 hp.Float / hp.Choice; `tune` runs the tuner of `conf/tuner` on a training subset, logs every trial as a nested MLflow

@@ -20,7 +20,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command is None:
         print(f"the tracking server {cfg.tracking.uri} serves the UI itself: open it in a browser")
         return 0
-    print(f"MLflow UI on http://{cfg.tracking.ui_host}:{cfg.tracking.ui_port} (store {command[3]}); Ctrl-C stops it",
+    store = tracking.store_uri(cfg.tracking)
+    print(f"MLflow UI on http://{cfg.tracking.ui_host}:{cfg.tracking.ui_port} (store {store}); Ctrl-C stops it",
           flush=True)
     os.execvp(command[0], command)
 

@@ -86,14 +86,8 @@ def test_dvc_exp_run_composes_config_and_reruns_only_what_changed(repo):
                                   order_by=["attributes.start_time DESC"])
     children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{second.info.run_id}'")
     kinds = {r.data.tags["pipeline.stage"]: r.data.tags["pipeline.kind"] for r in children}
-    assert kinds == {"baseline": "stage", "report": "stage", **{s: "reused" for s in MODEL_STAGES[1:]}}
-
-    # a sweep over a key the search sets stops before any work, saying how to get out
-    failed = subprocess.run(["dvc", "exp", "run", *SMALL, "-S", "cnn.dropout=0.3"], cwd=repo, capture_output=True,
-                            text=True, env=environment())
-    assert failed.returncode != 0
-    assert "cnn.dropout is overridden, but the cnn search sets it" in failed.stdout + failed.stderr
-    assert "Traceback" not in failed.stdout + failed.stderr
+    assert kinds == {"baseline": "stage", "report": "stage",
+                     **{s: "reused" for s in ("download", "split", *MODEL_STAGES[1:])}}
 
     # metrics and plots are where dvc finds them
     assert set(json.loads(run(repo, "dvc", "metrics", "show", "--json"))[""]["data"]) >= {
@@ -123,6 +117,15 @@ def test_dvc_exp_run_composes_config_and_reruns_only_what_changed(repo):
     accuracy = [header.index(f"metrics/{stage}.json:{key}") for stage in MODEL_STAGES
                 for key in ("val_accuracy", "test.accuracy")]
     assert max(accuracy) < header.index("size.train") and not [h for h in header if "class_count" in h]
+    assert "metrics/cnn.json:hparams.cnn.filters" in header  # the values the cnn trained with, searched
+
+    # last, as it leaves the workspace half-run: a sweep over a key the search sets stops before any work,
+    # saying how to get out
+    failed = subprocess.run(["dvc", "exp", "run", *SMALL, "-S", "cnn.dropout=0.3"], cwd=repo, capture_output=True,
+                            text=True, env=environment())
+    assert failed.returncode != 0
+    assert "cnn.dropout is overridden, but the cnn search sets it" in failed.stdout + failed.stderr
+    assert "Traceback" not in failed.stdout + failed.stderr
 
 
 def store(root: Path) -> tuple[MlflowClient, str]:

@@ -6,7 +6,8 @@ time appears there as a light run tagged `reused`, linking to the run that made 
 model is registered (one registered model per data set), the alias `champion` moving to it if it beats the
 champion's validation accuracy.
 
-Reads:  metrics/<stage>.json of the model stages that have them, metrics/split.json; params `data.anchors`.
+Reads:  metrics/<stage>.json of the model stages that have them, and of download and split; params
+        `data.anchors`.
 Writes: metrics/summary.json (DVC metrics), metrics/report.md (the same, with links to the runs in the UI).
 """
 
@@ -27,8 +28,8 @@ log = logging.getLogger(__name__)
 
 MODEL_STAGES = ("baseline", "cnn", "cnn_aug", "transfer", "finetune")  # the ladder, simplest first
 LADDER = ("val_accuracy", "test_accuracy")  # what the ladder shows of each stage; the first chooses the best
+DATA_STAGES = ("download", "split")  # no ladder of their own, but runs to link when DVC skips them
 REPORT = METRICS_DIR / "report.md"
-SPLIT_METRICS = METRICS_DIR / "split.json"
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -46,8 +47,9 @@ def run(cfg: Config) -> dict[str, Any]:
     best = summary["best"]
     made_by = {stage: (row.get("mlflow_run_id"), {k: row[k] for k in LADDER})
                for stage, row in summary["stages"].items()}
-    if SPLIT_METRICS.is_file():
-        made_by["split"] = (json.loads(SPLIT_METRICS.read_text(encoding="utf-8")).get("mlflow_run_id"), {})
+    for stage in DATA_STAGES:
+        if (path := METRICS_DIR / f"{stage}.json").is_file():
+            made_by[stage] = (json.loads(path.read_text(encoding="utf-8")).get("mlflow_run_id"), {})
     for stage, (run_id, values) in made_by.items():
         if run_id:  # a light run for a stage DVC skipped this time, linking to the run that made its outputs
             tracking.log_reused(stage, run_id, values, cfg.tracking)
