@@ -578,3 +578,11 @@ def log_artifacts(directory: Path, artifact_path: str) -> None:
     """A directory of files into the active run, under `artifact_path`."""
     if mlflow.active_run() is not None:
         mlflow.log_artifacts(str(directory), artifact_path)
+
+
+def log_importance(shares: dict[str, float], note: str) -> None:
+    """A search's hyperparameter importance shares as metrics `importance/<name>` and its note (how far to trust
+    them) as tag `search.importance_note`, on the active stage run."""
+    if mlflow.active_run() is not None:
+        mlflow.log_metrics({f"importance/{name}": share for name, share in shares.items()})
+        mlflow.set_tag("search.importance_note", note)

@@ -16,6 +16,7 @@ import hashlib
 import logging
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +78,7 @@ class TrackEpochs(keras.callbacks.Callback):
 
 
 def fit(model: keras.Model, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
-        cfg: TrainConfig, work_dir: Path, fingerprint: str, verbose: int | str = "auto") -> FitResult:
+        cfg: TrainConfig, work_dir: Path, fingerprint: str) -> FitResult:
     """Train a compiled model; resume from `work_dir` if an earlier run with the same fingerprint was cut short."""
     open_work_dir(work_dir, fingerprint)
     history_csv, best_weights = work_dir / "history.csv", work_dir / "best.weights.h5"
@@ -101,13 +102,19 @@ def fit(model: keras.Model, train: tuple[np.ndarray, np.ndarray], val: tuple[np.
                                                            patience=max(1, cfg.patience // 2), min_lr=cfg.lr / 64))
     start = time.perf_counter()
     model.fit(np.asarray(train[0]), np.asarray(train[1]), validation_data=(np.asarray(val[0]), np.asarray(val[1])),
-              epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True, callbacks=callbacks, verbose=verbose)
+              epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True, callbacks=callbacks, verbose=progress())
     seconds = time.perf_counter() - start
     if best_weights.exists():
         model.load_weights(best_weights)
     history = read_history(history_csv)
     best_epoch = int(np.argmax([row[MONITOR] for row in history])) if history else -1
     return FitResult(history=history, fit_seconds=seconds, best_epoch=best_epoch)
+
+
+def progress() -> int:
+    """Keras' progress bar on a terminal, one line per epoch elsewhere: in a log file (`dvc queue logs`, CI) the bar's
+    carriage-return redraws made megabytes of log."""
+    return 1 if sys.stdout.isatty() else 2
 
 
 def open_work_dir(work_dir: Path, fingerprint: str) -> None:

@@ -2,10 +2,10 @@
 
 `pipeline.search_space` checks a space (at config load, before any trial); `define` turns it into hp.Int /
 hp.Float / hp.Choice; `tune` runs the tuner of `conf/tuner` on a training subset, logs every trial as a nested MLflow
-run, writes models/<stage>/best_hparams.json and the trials table, and returns the section with the best
-values, which the stage then trains on the full training split. Tuner state lives in the stage's work dir,
-keyed by everything that defines the search: a killed search resumes its finished trials, and a changed
-space, tuner or data starts afresh.
+run, writes models/<stage>/best_hparams.json, the trials table and their hyperparameter importance
+(`pipeline.importance`), and returns the section with the best values, which the stage then trains on the full
+training split. Tuner state lives in the stage's work dir, keyed by everything that defines the search: a killed
+search resumes its finished trials, and a changed space, tuner or data starts afresh.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import shutil
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from pipeline.data.split import Arrays
 from pipeline.deps import code_digest
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_path, write_json
+from pipeline.importance import hyperparameter_importance
 from pipeline.paths import model_dir, work_dir
 from pipeline.schema import TunerConfig
 from pipeline.search_space import Param, parse_space, trained_values, tunable_names
@@ -100,7 +102,7 @@ def _search(stage, section, params, build, train, val, tuner_cfg, seed) -> dict[
     import keras
     import keras_tuner
 
-    from pipeline.training import TrackEpochs, compile_model
+    from pipeline.training import TrackEpochs, compile_model, progress
 
     x, y = _subset(train, tuner_cfg.subset, seed)
     objective = keras_tuner.Objective(tuner_cfg.objective, "min" if tuner_cfg.objective.endswith("loss") else "max")
@@ -131,7 +133,7 @@ def _search(stage, section, params, build, train, val, tuner_cfg, seed) -> dict[
     else:
         base = keras_tuner.RandomSearch if tuner_cfg.kind == "random" else keras_tuner.BayesianOptimization
         tuner = _tracked(base)(max_trials=tuner_cfg.max_trials, **common)
-    tuner.search(x, y, validation_data=val, epochs=tuner_cfg.epochs, verbose=1, callbacks=[
+    tuner.search(x, y, validation_data=val, epochs=tuner_cfg.epochs, verbose=progress(), callbacks=[
         keras.callbacks.EarlyStopping(monitor=tuner_cfg.objective, mode=objective.direction,
                                       patience=tuner_cfg.patience),
         TrackEpochs()])
@@ -139,7 +141,7 @@ def _search(stage, section, params, build, train, val, tuner_cfg, seed) -> dict[
     if failed := [r for r in rows if r["status"] != "COMPLETED"]:
         raise PipelineError(f"{stage}: {len(failed)} of {len(rows)} tuner trials did not complete (trial "
                             f"{failed[0]['trial']}: {failed[0]['status']} {failed[0]['message']}); see the log above")
-    _write_trials(stage, rows, params, tuner_cfg.objective)
+    _write_trials(stage, rows, params, tuner_cfg.objective, objective.direction, seed)
     values = {p.name: rows[0][p.name] for p in params if rows[0][p.name] != ""}
     log.info("%s: best of %d trials, %s %.4f: %s", stage, len(rows), tuner_cfg.objective, rows[0]["score"], values)
     return {"values": values, "source": "search", "objective": tuner_cfg.objective, "score": rows[0]["score"],
@@ -200,9 +202,14 @@ def _trials_table(tuner, params: list[Param], direction: str) -> list[dict[str, 
     return sorted(rows, key=lambda r: worst if r["score"] is None else r["score"], reverse=direction == "max")
 
 
-def _write_trials(stage: str, rows: list[dict[str, Any]], params: list[Param], objective: str) -> None:
-    """models/<stage>/search/trials.csv (sorted best first) and a panel per hyperparameter of score against
-    value; both logged to the stage run."""
+def _write_trials(stage: str, rows: list[dict[str, Any]], params: list[Param], objective: str, direction: str,
+                  seed: int) -> None:
+    """models/<stage>/search/trials.csv (sorted best first), importance.csv (`pipeline.importance`) and trials.png, a
+    panel per hyperparameter of score against value beside the importance; all logged to the stage run, with the
+    importance shares as metrics and how far to trust them as a tag."""
+    importance = hyperparameter_importance(rows, params, direction, seed)
+    log.info("%s: hyperparameter importance %s (%s)", stage,
+             {k: round(v, 3) for k, v in importance["share"].items()}, importance["note"])
     out = model_dir(stage) / "search"
     with atomic_path(out, directory=True) as tmp:
         with (tmp / "trials.csv").open("w", newline="") as fh:
@@ -210,18 +217,36 @@ def _write_trials(stage: str, rows: list[dict[str, Any]], params: list[Param], o
                                     extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
-        _plot_trials(tmp / "trials.png", rows, params, objective)
+        _write_importance(tmp / "importance.csv", importance)
+        _plot_trials(tmp / "trials.png", rows, params, objective, importance)
     tracking.log_artifacts(out, "search")
+    tracking.log_importance(importance["share"], importance["note"])
 
 
-def _plot_trials(path: Path, rows: list[dict[str, Any]], params: list[Param], objective: str) -> None:
+def _write_importance(path: Path, importance: dict[str, Any]) -> None:
+    """One row per hyperparameter, most important first; only the header when none was computed."""
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["hyperparameter", "importance", "mean", "std"])
+        for name in sorted(importance["share"], key=importance["share"].get, reverse=True):
+            writer.writerow([name, importance["share"][name], importance["mean"][name], importance["std"][name]])
+
+
+def _plot_trials(path: Path, rows: list[dict[str, Any]], params: list[Param], objective: str,
+                 importance: dict[str, Any]) -> None:
+    """Score against each hyperparameter (shared y axis), then the importance bars; the note in the title when the
+    importance is not to be trusted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(params), figsize=(3.2 * len(params), 3), squeeze=False, sharey=True)
-    for ax, p in zip(axes[0], params, strict=True):
+    width = 3.2 * (len(params) + 1)
+    fig, axes = plt.subplots(1, len(params) + 1, figsize=(width, 3.4), squeeze=False)
+    for ax, p in zip(axes[0][:-1], params, strict=True):
+        if ax is not axes[0][0]:
+            ax.sharey(axes[0][0])
+            ax.tick_params(labelleft=False)
         points = [(r[p.name], r["score"]) for r in rows if r[p.name] != "" and r["score"] is not None]
         if p.kind == "choice":
             labels = [str(v) for v in p.values]
@@ -233,7 +258,25 @@ def _plot_trials(path: Path, rows: list[dict[str, Any]], params: list[Param], ob
                 ax.set_xscale("log")
         ax.set_xlabel(p.name)
     axes[0][0].set_ylabel(objective)
-    fig.suptitle(f"{len(rows)} trials")
+    _plot_importance(axes[0][-1], params, importance)
+    title = f"{len(rows)} trials" + ("" if importance["trustworthy"] else f": {importance['note']}")
+    fig.suptitle(textwrap.fill(title, width=int(12 * width)), fontsize=10)  # about 12 characters an inch
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _plot_importance(ax, params: list[Param], importance: dict[str, Any]) -> None:
+    """Horizontal bars of each hyperparameter's share, first at the top, with the spread over repeats."""
+    names = [p.name for p in params][::-1]
+    ax.set_title("importance", fontsize=10)
+    ax.set_xlim(0, 1)
+    if not importance["share"]:
+        ax.text(0.5, 0.5, "none computed", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return
+    total = sum(max(m, 0.0) for m in importance["mean"].values()) or 1.0
+    ax.barh(names, [importance["share"][n] for n in names], xerr=[importance["std"][n] / total for n in names],
+            color="tab:green" if importance["trustworthy"] else "tab:gray")
+    ax.set_xlabel("share")

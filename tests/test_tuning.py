@@ -85,6 +85,7 @@ def test_two_trial_search_logs_nested_runs_and_carries_the_best_forward(split_da
     assert [float(r["score"]) for r in rows] == sorted((float(r["score"]) for r in rows), reverse=True)
     assert (best_cnn.filters, best_cnn.train.lr) == (best["values"]["filters"], best["values"]["lr"])
     assert (model_dir("cnn") / "search" / "trials.png").is_file()
+    assert (model_dir("cnn") / "search" / "importance.csv").is_file()
 
     client = MlflowClient(store)
     trials = client.search_runs([client.get_run(run_id).info.experiment_id],
@@ -94,7 +95,8 @@ def test_two_trial_search_logs_nested_runs_and_carries_the_best_forward(split_da
         assert trial.info.status == "FINISHED" and {"filters", "lr"} <= set(trial.data.params)
         assert "score" in trial.data.metrics and "val_accuracy" in trial.data.metrics
     artefacts = {a.path for a in client.list_artifacts(run_id, "search")}
-    assert artefacts == {"search/trials.csv", "search/trials.png"}
+    assert artefacts == {"search/trials.csv", "search/trials.png", "search/importance.csv"}
+    assert client.get_run(run_id).data.tags["search.importance_note"].startswith(f"too few trials ({len(rows)})")
 
 
 def test_cnn_aug_builds_on_the_best_architecture(split_data):

@@ -1,0 +1,93 @@
+"""The benchmark's report: times as ratios to the bare-Keras reference, one dict behind both docs/benchmarks files."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_run_pipeline", REPO / "bench/run_pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+REFERENCE = {"seconds": 1000.0, "test_accuracy": 0.933, "val_accuracy": 0.935, "epochs": 12, "machine": "test"}
+TIMES = {"split": 8.0, "baseline": 40.0, "cnn": 700.0, "cnn_aug": 300.0, "report": 8.0}  # 1056 s: 1.06 x
+
+
+def write_metrics(directory: Path) -> Path:
+    """Metrics files as the stages write them; cnn_aug has the better test but the worse validation accuracy."""
+    directory.mkdir()
+    for stage, val, test in [("baseline", 0.866, 0.843), ("cnn", 0.932, 0.924), ("cnn_aug", 0.925, 0.940)]:
+        metrics = {"val_accuracy": val, "test": {"accuracy": test}, "epochs": 8, "fit_seconds": TIMES[stage] - 100}
+        (directory / f"{stage}.json").write_text(json.dumps(metrics))
+    hparams = directory / "best_hparams.json"
+    hparams.write_text(json.dumps({"source": "search", "tuner": "random", "trials": 4, "objective": "val_accuracy",
+                                   "score": 0.85, "values": {"blocks": 2}}))
+    return hparams
+
+
+@pytest.fixture
+def results(bench: ModuleType, tmp_path: Path) -> dict:
+    hparams = write_metrics(tmp_path / "metrics")
+    return bench.collect(TIMES, REFERENCE, default_val=0.930, smoke=120.0, metrics_dir=tmp_path / "metrics",
+                         best_hparams=hparams)
+
+
+def test_results_hold_the_keys_machines_read(results: dict) -> None:
+    assert {"machine", "date", "pipeline_seconds", "reference", "stages", "search", "ratios"} <= results.keys()
+    assert {"seconds", "test_accuracy"} <= results["reference"].keys()
+    assert results["pipeline_seconds"] == 1056.0
+    for stage in TIMES:
+        assert {"test_accuracy", "val_accuracy", "seconds"} <= results["stages"][stage].keys()
+    assert results["stages"]["split"]["test_accuracy"] is None
+    assert results["stages"]["cnn"]["val_accuracy"] == 0.932
+    assert results["search"] == {**results["search"], "best_val": 0.932, "default_val": 0.930, "seed_spread": None}
+    assert results["ratios"] == {"pipeline_vs_reference": 1.056, "smoke_vs_reference": 0.12}
+
+
+def test_best_stage_is_chosen_on_validation_not_test(results: dict) -> None:
+    assert results["best_stage"]["stage"] == "cnn"  # cnn_aug's test accuracy is higher, its validation lower
+
+
+def test_markdown_states_times_as_ratios_to_the_reference(bench: ModuleType, results: dict) -> None:
+    text = bench.render(results)
+    assert "1.06 × the reference" in text  # the whole dvc repro
+    assert "0.12 × the reference" in text  # smoke
+    assert "0.10 × the reference (stage time less the final fit)" in text  # the cnn search
+    assert "| cnn | 0.9240 |" in text and "| 700 | 0.70 |" in text  # stage seconds and their ratio
+    assert "test accuracy 0.9330" in text and "16.7 min" in text  # the reference itself
+    assert "Best stage, chosen on validation accuracy: cnn" in text
+    assert "0.9320 vs 0.9300 (+0.0020)" in text and "seed spread: not measured yet" in text
+    assert "budget 30 min" not in text and "min (budget" not in text  # no absolute budget
+
+
+def test_markdown_and_json_are_written_from_one_dict(bench: ModuleType, results: dict, tmp_path: Path) -> None:
+    page = tmp_path / "benchmarks.md"
+    page.write_text("# Benchmarks\n\nold table\n\n## Notes\n\nHand-written.\n")
+    bench.write_outputs(results, page)
+    assert json.loads((tmp_path / "benchmarks.json").read_text()) == results
+    text = page.read_text()
+    assert text.startswith(bench.render(results)) and text.endswith("## Notes\n\nHand-written.\n")
+    assert "old table" not in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["benchmarks.json", "benchmarks.md", "metrics"]  # no temp
+
+
+def test_reference_imports_no_pipeline_code() -> None:
+    """The reference is what a user writes instead of the pipeline: Keras and numpy, nothing of ours."""
+    tree = ast.parse((REPO / "bench/reference.py").read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported - set(sys.stdlib_module_names) == {"keras", "numpy"}
