@@ -130,14 +130,23 @@ def _constraint_errors(node: Any, prefix: str) -> list[str]:
         errors += _constraint_errors(value, key + ".")
         if value is None or not f.metadata:
             continue
-        meta = f.metadata
-        if "choices" in meta and value not in meta["choices"]:
-            allowed = ", ".join(map(str, meta["choices"]))
-            errors.append(f"{key}={value!r} is not allowed; choose one of: {allowed}")
-        for op, ok, word in (("ge", value.__ge__, ">="), ("gt", value.__gt__, ">"),
-                             ("le", value.__le__, "<="), ("lt", value.__lt__, "<")):
-            if op in meta and not ok(meta[op]):
-                errors.append(f"{key}={value!r} is out of range; it must be {word} {meta[op]}")
+        # a list's constraints hold for each of its entries (`train.seeds`)
+        items = [(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else [(key, value)]
+        for item_key, item in items:
+            errors += _value_errors(item_key, item, f.metadata)
+    return errors
+
+
+def _value_errors(key: str, value: Any, meta: Any) -> list[str]:
+    """One value against a field's `choices` / bounds metadata."""
+    errors = []
+    if "choices" in meta and value not in meta["choices"]:
+        allowed = ", ".join(map(str, meta["choices"]))
+        errors.append(f"{key}={value!r} is not allowed; choose one of: {allowed}")
+    for op, ok, word in (("ge", value.__ge__, ">="), ("gt", value.__gt__, ">"),
+                         ("le", value.__le__, "<="), ("lt", value.__lt__, "<")):
+        if op in meta and not ok(meta[op]):
+            errors.append(f"{key}={value!r} is out of range; it must be {word} {meta[op]}")
     return errors
 
 
@@ -172,6 +181,10 @@ def _cross_field_errors(cfg: Config) -> list[str]:
             parse_space(section.search.space, f"{stage}.search.space", tunable_names(section))
         except ConfigError as e:
             errors.append(str(e))
+    for stage in ("cnn", "cnn_aug", "transfer", "finetune"):
+        seeds = getattr(cfg, stage).train.seeds
+        if len(set(seeds)) != len(seeds):
+            errors.append(f"{stage}.train.seeds={seeds} repeats a seed: list each seed once")
     if cfg.transfer.weights == "hed" and cfg.transfer.backbone != "vgg16":
         errors.append(f"transfer.weights=hed exists for backbone vgg16 only, not {cfg.transfer.backbone}: "
                       "use weights imagenet or null")

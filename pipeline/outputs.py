@@ -41,10 +41,11 @@ def write_stage_outputs(stage: str, y_true: np.ndarray, y_prob: np.ndarray, clas
                         images: np.ndarray, val_accuracy: float, fit_seconds: float, parameters: int,
                         images_per_second: float, history: list[dict[str, float]] | None = None,
                         explain: Callable[[Path, np.ndarray], None] | None = None,
-                        hparams: dict[str, Any] | None = None) -> dict[str, Any]:
+                        hparams: dict[str, Any] | None = None, seeds: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write metrics/<stage>.json and plots/<stage>/ (curves, confusion CSVs, every test prediction, the confusion
     analysis of `pipeline.analysis`, and what `explain` draws of the worst misclassified test images); log them to the
-    stage's MLflow run, whose id the metrics name. Return the metrics."""
+    stage's MLflow run, whose id the metrics name. `seeds`: the spread over `train.seeds`, when the final model was
+    trained more than once (the model written is the first seed's). Return the metrics."""
     # key order is `dvc exp show`'s column order: validation, then test accuracy first
     metrics: dict[str, Any] = {"val_accuracy": val_accuracy, "test": evaluate(y_true, y_prob)}
     if history:
@@ -53,6 +54,8 @@ def write_stage_outputs(stage: str, y_true: np.ndarray, y_prob: np.ndarray, clas
                    inference_images_per_second=round(images_per_second, 1))
     if hparams:  # the values the model trained with for its searched settings: `dvc exp show` lists them
         metrics["hparams"] = hparams
+    if seeds:
+        metrics["seeds"] = seeds
     if run_id := tracking.active_run_id():
         metrics["mlflow_run_id"] = run_id
     plots = PLOTS_DIR / stage

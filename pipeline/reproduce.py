@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from pipeline import config, tracking
 from pipeline.errors import ConfigError, PipelineError
 
@@ -228,11 +230,24 @@ def run_again(workspace: Path, stage: str, commit: str) -> None:
     from the run cache what the run's params changed, or runs it), then run the stage itself as an experiment:
     forced (never restored from the run cache), alone, with params.yaml as written (--no-hydra: not recomposed)."""
     env = _env()
-    if above := upstream(workspace, stage, commit):
+    above = upstream(workspace, stage, commit)
+    forget_other_stages(workspace / "dvc.lock", {*above, stage})
+    if above:
         if (workspace / "dvc.lock").is_file():
             _dvc(workspace, "checkout", "--quiet", "--allow-missing", *above, env=env, check=False)
         _dvc(workspace, "repro", *above, env=env)
     _dvc(workspace, "exp", "run", "--no-hydra", "--force", "--single-item", stage, env=env)
+
+
+def forget_other_stages(lock: Path, keep: set[str]) -> None:
+    """Drop from the worktree's dvc.lock the stages the reproduction does not run or read: their recorded outputs
+    need not be in this cache (a lock committed before a later `dvc repro`), and DVC reads them all when it commits
+    the experiment ("failed to load directory ...")."""
+    if not lock.is_file():
+        return
+    recorded = yaml.safe_load(lock.read_text(encoding="utf-8")) or {}
+    recorded["stages"] = {name: entry for name, entry in (recorded.get("stages") or {}).items() if name in keep}
+    lock.write_text(yaml.safe_dump(recorded, sort_keys=False), encoding="utf-8")
 
 
 def reproduced_metrics(workspace: Path, stage: str) -> tuple[str, dict[str, float]]:

@@ -71,6 +71,8 @@ class TrainConfig:
     weight_decay: float = setting(ge=0.0)
     lr_schedule: str = setting(choices=("plateau", "cosine", "constant"))
     patience: int = setting(ge=1)  # epochs without a better val_accuracy before stopping
+    seeds: list[int] = setting(ge=0)  # []: one fit with the global `seed`; two or more: the final model once per
+    # seed (mean and std of val and test accuracy logged), the first seed's model the stage's output
 
 
 @dataclass

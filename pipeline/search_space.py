@@ -37,9 +37,10 @@ class Param:
 
 
 def tunable_names(section: Any) -> list[str]:
-    """What a space may name: the section's own settings, then those of its `train` budget."""
+    """What a space may name: the section's own settings, then those of its `train` budget but its length, patience
+    and seeds (how long and how often the final model trains, not what it is)."""
     own = [f.name for f in dataclasses.fields(section) if f.name not in ("train", "search")]
-    return own + [f.name for f in dataclasses.fields(section.train) if f.name not in ("epochs", "patience")]
+    return own + [f.name for f in dataclasses.fields(section.train) if f.name not in ("epochs", "patience", "seeds")]
 
 
 def parse_space(space: dict[str, Any], key: str, allowed: Collection[str]) -> list[Param]:

@@ -53,7 +53,8 @@ EXECUTION_ID_ENV = "PIPELINE_EXECUTION_ID"
 PROCESS_TAG = "pipeline.process"  # host:pid:start of the process that owns a RUNNING run
 INTERRUPTS = (KeyboardInterrupt, Terminated)  # SIGINT, SIGTERM: the run ends KILLED
 RUN_ID = re.compile(r"[0-9a-f]{32}")
-KIND_TAG = "pipeline.kind"  # stage, trial (of a tuner search), execution, reused (a stage DVC skipped), compare
+KIND_TAG = "pipeline.kind"  # stage, trial (of a tuner search), seed (one of `train.seeds`), execution, reused (a
+# stage DVC skipped), compare
 
 
 logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # four INFO lines per run otherwise
@@ -145,6 +146,24 @@ def trial_run(name: str, params: dict[str, Any]) -> Iterator[str | None]:
 
 
 @contextlib.contextmanager
+def seed_run(seed: int, fitted: bool = True) -> Iterator[str | None]:
+    """A run nested in the active stage run for one seed's fit of the final model (`train.seeds`), like a tuner
+    trial's. `fitted=False`: an earlier, interrupted run of the stage fitted it; this run only shows its results."""
+    parent = mlflow.active_run()
+    if parent is None:
+        yield None
+        return
+    tags = {k: v for k, v in parent.data.tags.items() if k.startswith(("pipeline.", "dvc.", "git.", "mlflow.source"))}
+    tags.update({KIND_TAG: "seed", "pipeline.seed": str(seed), "pipeline.seed_fitted": str(fitted).lower()})
+    if not fitted:
+        tags["mlflow.note.content"] = (f"Seed {seed} was fitted and evaluated by an earlier run of this stage that was "
+                                       "interrupted later: its history and results are replayed, not fitted again.")
+    with _run(experiment_id=parent.info.experiment_id, run_name=f"seed {seed}", nested=True, tags=tags) as run_id:
+        mlflow.log_param("seed", seed)
+        yield run_id
+
+
+@contextlib.contextmanager
 def _run(**start_run_args) -> Iterator[str]:
     """`mlflow.start_run` that ends the run KILLED when the process is interrupted (SIGINT, SIGTERM), FAILED when
     it raises, FINISHED otherwise (MLflow's own context manager knows no KILLED)."""
@@ -167,12 +186,15 @@ def open_execution(experiment_id: str, cfg: Config) -> str:
     with _store_lock(store_uri(cfg.tracking)):
         found = client.search_runs([experiment_id], f"tags.`pipeline.kind` = 'execution' and "
                                    f"tags.`pipeline.execution_id` = '{key}'", max_results=1)
+        exp_name = os.environ.get("DVC_EXP_NAME")
         if found:
             run_id = found[0].info.run_id
-            client.update_run(run_id, status="RUNNING")
+            client.update_run(run_id, status="RUNNING", name=exp_name or found[0].info.run_name)
+            if exp_name:  # an execution whose first stages ran outside the experiment (`pipeline.reproduce`)
+                client.set_tag(run_id, "dvc.exp_name", exp_name)
         else:
             tags = {k: v for k, v in run_tags("", cfg).items() if k != "pipeline.stage"}
-            name = os.environ.get("DVC_EXP_NAME") or f"{'dvc' if _dvc_process() else 'by hand'} {key[:8]}"
+            name = exp_name or f"{'dvc' if _dvc_process() else 'by hand'} {key[:8]}"
             run_id = client.create_run(experiment_id, run_name=name,
                                        tags={**tags, KIND_TAG: "execution"}).info.run_id
     client.set_tag(run_id, PROCESS_TAG, process_key())
@@ -572,6 +594,21 @@ def log_trial_score(score: float) -> None:
     """A tuner trial's score (its best objective value), on the active trial run."""
     if mlflow.active_run() is not None:
         mlflow.log_metric("score", score)
+
+
+def log_seed_result(val_accuracy: float, test_accuracy: float) -> None:
+    """One seed's best-epoch validation accuracy and its final model's test accuracy, on the active seed run (named
+    as on stage runs: `val_accuracy` is the per-epoch series there)."""
+    if mlflow.active_run() is not None:
+        mlflow.log_metrics({"best_val_accuracy": val_accuracy, "test_accuracy": test_accuracy})
+
+
+def log_seed_spread(spread: dict[str, Any]) -> None:
+    """The seeds' mean and sample std of val and test accuracy, and their count, on the active stage run."""
+    if mlflow.active_run() is not None:
+        values = {f"seeds_{split}_{stat}": spread[split][stat] for split in ("val_accuracy", "test_accuracy")
+                  for stat in ("mean", "std")}
+        mlflow.log_metrics({**values, "seeds_count": len(spread["values"])})
 
 
 def log_artifacts(directory: Path, artifact_path: str) -> None:

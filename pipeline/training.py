@@ -7,18 +7,25 @@ model and optimizer each epoch, `history.csv` grows across resumes, and the best
 checkpointed, so a killed run started again continues from its last finished epoch and still ends with the
 best epoch's weights. The state is keyed by a fingerprint of the run's settings and by the digest of the
 stage's code (`pipeline.deps`): other settings, or changed code, start afresh.
+
+With two or more `train.seeds` the final model is trained once per seed, each fit a child MLflow run of the stage's
+run with its own state in `fit/seed-<s>/`; a seed that finished leaves its results and weights there, so a killed
+run started again does not fit it again. The stage's outputs are the first listed seed's model, always (never the
+best on the test split); its metrics add the seeds' mean and std.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import logging
 import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +35,8 @@ import numpy as np
 from pipeline import tracking
 from pipeline.data.split import Arrays, Splits
 from pipeline.deps import code_digest
-from pipeline.files import atomic_path
+from pipeline.evaluation import evaluate
+from pipeline.files import atomic_path, write_json
 from pipeline.gradcam import write_gradcam
 from pipeline.outputs import predict_timed, save_keras_model, write_stage_outputs
 from pipeline.paths import work_dir
@@ -44,6 +52,34 @@ class FitResult:
     history: list[dict[str, float]]  # one row per epoch, resumed epochs included
     fit_seconds: float  # of this process's training (not counting earlier, interrupted runs)
     best_epoch: int
+
+    @property
+    def val_accuracy(self) -> float:
+        """The best epoch's, which the model keeps."""
+        return self.history[self.best_epoch][MONITOR]
+
+
+@dataclass
+class Final:
+    """A trained model that takes images, its fit, and its one evaluation on the test split."""
+
+    model: keras.Model
+    fitted: keras.Model  # what was fitted: `model` itself, or the head of a trunk stage
+    fit: FitResult
+    y_prob: np.ndarray
+    images_per_second: float
+
+
+@dataclass
+class SeedRecord:
+    """What a seed's finished fit leaves in its work dir (`result.json`): enough for a resumed run to skip it."""
+
+    seed: int
+    val_accuracy: float  # of the best epoch
+    test_accuracy: float
+    best_epoch: int
+    fit_seconds: float
+    weights: str  # file name, in the seed's work dir, of the trained model's weights (the head's, for a trunk stage)
 
 
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
@@ -86,8 +122,7 @@ def fit(model: keras.Model, train: tuple[np.ndarray, np.ndarray], val: tuple[np.
     best_so_far = max((row[MONITOR] for row in previous), default=None)
     if previous:
         log.info("resuming after epoch %d (best %s so far %.4f)", len(previous), MONITOR, best_so_far)
-    for epoch, row in enumerate(previous, start=1):  # this run shows the whole history, interrupted epochs too
-        tracking.log_epoch({k: v for k, v in row.items() if k != "epoch"}, epoch)
+    replay(previous)
     callbacks = [
         _LogLearningRate(),
         TrackEpochs(),
@@ -109,6 +144,12 @@ def fit(model: keras.Model, train: tuple[np.ndarray, np.ndarray], val: tuple[np.
     history = read_history(history_csv)
     best_epoch = int(np.argmax([row[MONITOR] for row in history])) if history else -1
     return FitResult(history=history, fit_seconds=seconds, best_epoch=best_epoch)
+
+
+def replay(history: list[dict[str, float]]) -> None:
+    """Log epochs trained by an earlier, interrupted run to the active run, so that it shows the whole history."""
+    for epoch, row in enumerate(history, start=1):
+        tracking.log_epoch({k: v for k, v in row.items() if k != "epoch"}, epoch)
 
 
 def progress() -> int:
@@ -161,32 +202,133 @@ def clear_work_dir(work_dir: Path) -> None:
     shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def run_keras_stage(stage: str, model: keras.Model, cfg: TrainConfig, splits: Splits, fingerprint: str,
-                    trunk: keras.Model | None = None, hparams: dict[str, Any] | None = None) -> dict:
-    """Compile, fit (resumably), evaluate once on the test split, write the stage's outputs and model.
+def run_keras_stage(stage: str, make_model: Callable[[int], keras.Model], cfg: TrainConfig, splits: Splits,
+                    fingerprint: str, seed: int, trunk: keras.Model | None = None,
+                    hparams: dict[str, Any] | None = None) -> dict:
+    """Build, compile, fit (resumably), evaluate once on the test split, write the stage's outputs and model.
 
-    With a frozen `trunk`, `model` is a head trained on the trunk's features (computed once), and the
-    model evaluated and saved is trunk + head, on images."""
+    `make_model(s)` builds a fresh uncompiled model after `keras.utils.set_random_seed(s)`, for `s` the global `seed`,
+    or each of `cfg.seeds` (its own seeded layers, such as augmentation, take `s` too). With a frozen `trunk`, the
+    model is a head trained on the trunk's features (computed once), and the model evaluated and saved is
+    trunk + head, on images."""
     train, val = (splits.train, splits.val) if trunk is None else frozen_features(trunk, splits, stage)
-    compile_model(model, cfg, len(train[1]))
     # keyed by the code too: a run resumed after a code change must not continue the old code's weights
-    result = fit(model, train, val, cfg, work_dir(stage) / "fit", f"{fingerprint}-{code_digest(stage)}")
+    key = f"{fingerprint}-{code_digest(stage)}"
+    if len(cfg.seeds) < 2:
+        one = cfg.seeds[0] if cfg.seeds else seed
+        final, spread = train_and_test(stage, make_model, one, cfg, (train, val), splits, trunk, key), None
+    else:
+        final, spread = train_seeds(stage, make_model, cfg, (train, val), splits, trunk, key)
+    metrics = write_outputs(stage, final, splits, hparams, spread)
+    clear_work_dir(work_dir(stage))
+    log.info("%s: test accuracy %.4f (val %.4f, best epoch %d of %d)", stage, metrics["test"]["accuracy"],
+             metrics["val_accuracy"], final.fit.best_epoch + 1, len(final.fit.history))
+    return metrics
+
+
+def train_and_test(stage: str, make_model: Callable[[int], keras.Model], seed: int, cfg: TrainConfig,
+                   data: tuple[Arrays, Arrays], splits: Splits, trunk: keras.Model | None, key: str,
+                   directory: Path | None = None) -> Final:
+    """One seed's fit (state in `directory`, by default the stage's `fit/`) and its model's test predictions."""
+    keras.utils.set_random_seed(seed)
+    model = make_model(seed)
+    compile_model(model, cfg, len(data[0][1]))
+    result = fit(model, *data, cfg, directory or work_dir(stage) / "fit", key)
+    return tested(stage, model, result, splits, trunk)
+
+
+def tested(stage: str, model: keras.Model, result: FitResult, splits: Splits, trunk: keras.Model | None) -> Final:
+    """The trained model on images (trunk + head for a trunk stage), with its predictions on the test split."""
+    fitted = model
     if trunk is not None:
         images = keras.Input(shape=trunk.input_shape[1:], dtype="uint8", name="image")
         model = keras.Model(images, model(trunk(images)), name=stage)
-    x_test, y_test = splits.test
-    y_prob, speed = predict_timed(lambda x: model.predict(x, batch_size=512, verbose=0), x_test)
+    y_prob, speed = predict_timed(lambda x: model.predict(x, batch_size=512, verbose=0), splits.test[0])
+    return Final(model, fitted, result, y_prob, speed)
 
+
+def train_seeds(stage: str, make_model: Callable[[int], keras.Model], cfg: TrainConfig, data: tuple[Arrays, Arrays],
+                splits: Splits, trunk: keras.Model | None, key: str) -> tuple[Final, dict[str, Any]]:
+    """Train the final model once per seed of `cfg.seeds`, each in a child run of the stage's run, skipping seeds an
+    interrupted run finished; return the first seed's model (the stage's output, by a fixed rule) and the spread."""
+    fit_dir = work_dir(stage) / "fit"
+    open_work_dir(fit_dir, key)  # other settings or code: no seed's state is kept
+    first, records = None, []
+    for seed in cfg.seeds:
+        directory, seed_key = fit_dir / f"seed-{seed}", f"{key}-seed-{seed}"
+        open_work_dir(directory, seed_key)
+        record = read_seed(directory)
+        with tracking.seed_run(seed, fitted=record is None):
+            if record is None:
+                final = train_and_test(stage, make_model, seed, cfg, data, splits, trunk, seed_key, directory)
+                record = finish_seed(directory, seed, final, splits.test[1])
+            else:
+                log.info("%s: seed %d was fitted by an earlier run: not fitted again", stage, seed)
+                replay(read_history(directory / "history.csv"))
+                final = reload_seed(stage, make_model, record, directory, splits, trunk) if first is None else None
+            tracking.log_seed_result(record.val_accuracy, record.test_accuracy)
+        log.info("%s: seed %d: val accuracy %.4f, test accuracy %.4f", stage, seed, record.val_accuracy,
+                 record.test_accuracy)
+        first = final if first is None else first
+        records.append(record)
+    spread = seed_spread(records)
+    tracking.log_seed_spread(spread)
+    log.info("%s: %d seeds, val accuracy %.4f ± %.4f, test accuracy %.4f ± %.4f; outputs from seed %d", stage,
+             len(records), spread["val_accuracy"]["mean"], spread["val_accuracy"]["std"],
+             spread["test_accuracy"]["mean"], spread["test_accuracy"]["std"], records[0].seed)
+    return first, spread
+
+
+def finish_seed(directory: Path, seed: int, final: Final, y_test: np.ndarray) -> SeedRecord:
+    """Keep a fitted seed's weights and results in its work dir (the results last: they mark the seed done)."""
+    weights = "final.weights.h5"
+    final.fitted.save_weights(directory / weights)
+    record = SeedRecord(seed=seed, val_accuracy=final.fit.val_accuracy,
+                        test_accuracy=evaluate(y_test, final.y_prob)["accuracy"], best_epoch=final.fit.best_epoch,
+                        fit_seconds=final.fit.fit_seconds, weights=weights)
+    write_json(directory / "result.json", asdict(record))
+    return record
+
+
+def read_seed(directory: Path) -> SeedRecord | None:
+    """The results of a seed that an earlier run fitted and evaluated; None if it did not finish."""
+    path = directory / "result.json"
+    return SeedRecord(**json.loads(path.read_text())) if path.is_file() else None
+
+
+def reload_seed(stage: str, make_model: Callable[[int], keras.Model], record: SeedRecord, directory: Path,
+                splits: Splits, trunk: keras.Model | None) -> Final:
+    """A finished seed's model, rebuilt and given its saved weights (the first seed's: the stage writes it out); its
+    fit seconds are those of the run that fitted it."""
+    keras.utils.set_random_seed(record.seed)
+    model = make_model(record.seed)
+    model.load_weights(directory / record.weights)
+    history = read_history(directory / "history.csv")
+    return tested(stage, model, FitResult(history, record.fit_seconds, record.best_epoch), splits, trunk)
+
+
+def seed_spread(records: list[SeedRecord]) -> dict[str, Any]:
+    """The seeds (as listed) and their val and test accuracy: mean, sample std (ddof=1) and each seed's."""
+
+    def spread(values: list[float]) -> dict[str, Any]:
+        return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)), "per_seed": values}
+
+    return {"values": [r.seed for r in records], "val_accuracy": spread([r.val_accuracy for r in records]),
+            "test_accuracy": spread([r.test_accuracy for r in records])}
+
+
+def write_outputs(stage: str, final: Final, splits: Splits, hparams: dict[str, Any] | None,
+                  spread: dict[str, Any] | None) -> dict:
+    """The stage's metrics, plots (Grad-CAM included) and saved model, from `final`."""
+    x_test, y_test = splits.test
+    model, y_prob = final.model, final.y_prob
 
     def explain(dest: Path, worst: np.ndarray) -> None:
         write_gradcam(dest / "gradcam.png", model, x_test[worst], y_test[worst], y_prob[worst], splits.classes)
 
     metrics = write_stage_outputs(stage, y_test, y_prob, splits.classes, images=x_test, explain=explain,
-                                  history=result.history, val_accuracy=result.history[result.best_epoch][MONITOR],
-                                  fit_seconds=result.fit_seconds, parameters=model.count_params(),
-                                  images_per_second=speed, hparams=hparams)
+                                  history=final.fit.history, val_accuracy=final.fit.val_accuracy,
+                                  fit_seconds=final.fit.fit_seconds, parameters=model.count_params(),
+                                  images_per_second=final.images_per_second, hparams=hparams, seeds=spread)
     save_keras_model(stage, model, example=x_test[:3])
-    clear_work_dir(work_dir(stage))
-    log.info("%s: test accuracy %.4f (val %.4f, best epoch %d of %d)", stage, metrics["test"]["accuracy"],
-             metrics["val_accuracy"], result.best_epoch + 1, len(result.history))
     return metrics

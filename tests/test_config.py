@@ -65,6 +65,9 @@ BAD_OVERRIDES = [
     (["data=image_folder"], "data.source must point at a folder"),
     (["data=image_folder", "data.source=/x", "data.val_size=0.5", "data.test_size=0.5"],
      "data.val_size + data.test_size = 1 must be < 1"),
+    (["cnn.train.seeds=[0,-1]"], "cnn.train.seeds[1]=-1 is out of range; it must be >= 0"),
+    (["finetune.train.seeds=[3,3]"], "finetune.train.seeds=[3, 3] repeats a seed: list each seed once"),
+    (["+cnn.search.space.seeds={choice: [[0], [1]]}"], "cnn.search.space.seeds: not a setting of this stage"),
 ]
 
 

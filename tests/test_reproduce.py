@@ -68,6 +68,19 @@ def artifact_text(client: MlflowClient, run_id: str, path: str, dest: Path) -> s
 
 
 @pytest.mark.slow
+def test_the_worktree_lock_keeps_only_the_stage_and_what_it_reads(tmp_path):
+    """A lock committed before a later `dvc repro` names outputs this cache never held; DVC would fail on them
+    when it commits the experiment, so the reproduction forgets every stage it neither runs nor reads."""
+    lock = tmp_path / "dvc.lock"
+    lock.write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+        name: {"cmd": f"python -m pipeline.stages.{name}", "outs": [{"path": f"models/{name}", "md5": "0" * 32}]}
+        for name in ("download", "split", "baseline", "cnn", "report")}}, sort_keys=False))
+    reproduce.forget_other_stages(lock, {"download", "split", "baseline"})
+    kept = yaml.safe_load(lock.read_text())
+    assert kept["schema"] == "2.0" and list(kept["stages"]) == ["download", "split", "baseline"]
+    assert kept["stages"]["split"]["outs"][0]["path"] == "models/split"
+
+
 def test_a_baseline_run_is_reproduced_as_an_experiment_in_the_same_store(repo, tmp_path, monkeypatch,  # noqa: F811
                                                                           capsys):
     run(repo, "dvc", "exp", "run", *SMALL, "baseline")

@@ -54,29 +54,29 @@ def test_interrupted_fit_resumes_from_the_last_finished_epoch(setup):
     cfg, splits, work = setup
     with pytest.raises(Interrupt):
         fit(with_callbacks(make_model(cfg, splits), StopAfter(2)), splits.train, splits.val, cfg.cnn.train, work,
-            fingerprint="a", verbose=0)
+            fingerprint="a")
     assert len(read_history(work / "history.csv")) == 2
 
     epochs_run = []
     counter = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: epochs_run.append(epoch))
     result = fit(with_callbacks(make_model(cfg, splits), counter), splits.train, splits.val, cfg.cnn.train, work,
-                 fingerprint="a", verbose=0)
+                 fingerprint="a")
     assert epochs_run == [2, 3]  # epochs 0 and 1 are not trained again
     assert [row["epoch"] for row in result.history] == [0, 1, 2, 3]
 
 
 def test_state_of_other_settings_is_not_resumed(setup):
     cfg, splits, work = setup
-    fit(make_model(cfg, splits), splits.train, splits.val, cfg.cnn.train, work, fingerprint="a", verbose=0)
-    result = fit(make_model(cfg, splits), splits.train, splits.val, cfg.cnn.train, work, fingerprint="b", verbose=0)
+    fit(make_model(cfg, splits), splits.train, splits.val, cfg.cnn.train, work, fingerprint="a")
+    result = fit(make_model(cfg, splits), splits.train, splits.val, cfg.cnn.train, work, fingerprint="b")
     assert len(result.history) == 4
 
 
 def test_best_epoch_weights_are_kept(setup):
     cfg, splits, work = setup
     model = make_model(cfg, splits)
-    result = fit(model, splits.train, splits.val, cfg.cnn.train, work, fingerprint="a", verbose=0)
-    _, accuracy = model.evaluate(*splits.val, verbose=0)
+    result = fit(model, splits.train, splits.val, cfg.cnn.train, work, fingerprint="a")
+    _, accuracy = model.evaluate(*splits.val)
     best = max(row["val_accuracy"] for row in result.history)
     assert accuracy == pytest.approx(best, abs=1e-6)
     assert result.history[result.best_epoch]["val_accuracy"] == best
@@ -89,8 +89,11 @@ def test_a_stage_resumes_with_the_same_code_and_starts_afresh_after_a_change(set
     counter = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: epochs_run.append(epoch))
 
     def run_stage(*callbacks):
-        model = with_callbacks(make_model(cfg, splits), counter, *callbacks)
-        return run_keras_stage("cnn", model, cfg.cnn.train, splits, fingerprint="settings")
+        def build(seed):
+            return with_callbacks(build_cnn_from(cfg.cnn, splits.image_shape, len(splits.classes)), counter,
+                                  *callbacks)
+
+        return run_keras_stage("cnn", build, cfg.cnn.train, splits, "settings", cfg.seed)
 
     with pytest.raises(Interrupt):
         run_stage(StopAfter(2))

@@ -28,8 +28,7 @@ def run(cfg: Config) -> dict:
         return build_cnn_from(section, splits.image_shape, len(splits.classes))
 
     best = tune("cnn", cfg.cnn, build, splits.train, splits.val, cfg.tuner, cfg.seed)
-    keras.utils.set_random_seed(cfg.seed)
-    return run_keras_stage("cnn", build(best), best.train, splits, fingerprint(cfg.seed, best),
+    return run_keras_stage("cnn", lambda seed: build(best), best.train, splits, fingerprint(cfg.seed, best), cfg.seed,
                            hparams=trained_values("cnn", best))
 
 

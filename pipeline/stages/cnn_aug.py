@@ -12,9 +12,10 @@ import keras
 
 from pipeline.cli import stage_main
 from pipeline.data.split import load_splits
+from pipeline.files import file_digest
 from pipeline.models.augment import build_augmentation, with_augmentation
 from pipeline.models.cnn import build_cnn_from
-from pipeline.outputs import fingerprint, load_keras_model
+from pipeline.outputs import fingerprint, load_keras_model, stage_model_file
 from pipeline.paths import SPLIT_DIR
 from pipeline.schema import Config
 from pipeline.training import run_keras_stage
@@ -27,14 +28,17 @@ def run(cfg: Config) -> dict:
     searched = read_best("cnn")
     architecture = apply(cfg.cnn, searched["values"])  # the cnn stage's search result
     hparams = record("cnn", architecture, searched["source"])
-    augmentation = build_augmentation(cfg.augment, cfg.seed)
-    if cfg.cnn_aug.init == "cnn":
-        trained, source = load_keras_model("cnn", needed_by="cnn_aug with cnn_aug.init=cnn")
-        model, start = with_augmentation(trained, augmentation, name="cnn_aug"), source
-    else:
-        model, start = build_cnn_from(architecture, splits.image_shape, len(splits.classes), augmentation), "scratch"
+    needed_by = "cnn_aug with cnn_aug.init=cnn"
+
+    def make_model(seed: int) -> keras.Model:  # afresh for every seed; the augmentation's random stream is the seed's
+        augmentation = build_augmentation(cfg.augment, seed)
+        if cfg.cnn_aug.init == "cnn":
+            return with_augmentation(load_keras_model("cnn", needed_by)[0], augmentation, name="cnn_aug")
+        return build_cnn_from(architecture, splits.image_shape, len(splits.classes), augmentation)
+
+    start = file_digest(stage_model_file("cnn", needed_by)) if cfg.cnn_aug.init == "cnn" else "scratch"
     key = fingerprint(cfg.seed, architecture, cfg.augment, cfg.cnn_aug, start)
-    return run_keras_stage("cnn_aug", model, cfg.cnn_aug.train, splits, key, hparams=hparams)
+    return run_keras_stage("cnn_aug", make_model, cfg.cnn_aug.train, splits, key, cfg.seed, hparams=hparams)
 
 
 if __name__ == "__main__":

@@ -32,17 +32,18 @@ def run(cfg: Config) -> dict:
     splits = load_splits(SPLIT_DIR)
     source = file_digest(stage_model_file("transfer", needed_by="finetune"))  # keys the resumable state
 
-    def build(section):
-        model, _ = load_keras_model("transfer", needed_by="finetune")  # afresh for every candidate
+    def build(section, seed: int = cfg.seed):
+        model, _ = load_keras_model("transfer", needed_by="finetune")  # afresh for every candidate, and every seed
         blocks = unfreeze_top_blocks(model, cfg.transfer.backbone, section.unfreeze_blocks)
         log.info("fine-tuning %s of %s", ", ".join(blocks), cfg.transfer.backbone)
         if not section.augment:
             return model
-        return with_augmentation(model, build_augmentation(cfg.augment, cfg.seed), name="finetune")
+        return with_augmentation(model, build_augmentation(cfg.augment, seed), name="finetune")
 
     best = tune("finetune", cfg.finetune, build, splits.train, splits.val, cfg.tuner, cfg.seed)
     key = fingerprint(cfg.seed, cfg.augment, best, source)
-    return run_keras_stage("finetune", build(best), best.train, splits, key, hparams=trained_values("finetune", best))
+    return run_keras_stage("finetune", lambda seed: build(best, seed), best.train, splits, key, cfg.seed,
+                           hparams=trained_values("finetune", best))
 
 
 if __name__ == "__main__":

@@ -30,9 +30,9 @@ def run(cfg: Config) -> dict:
         return build_head(section, trunk.output_shape[1:], len(splits.classes))
 
     best = tune("transfer", cfg.transfer, build, *frozen_features(trunk, splits, "transfer"), cfg.tuner, cfg.seed)
-    keras.utils.set_random_seed(cfg.seed)
-    return run_keras_stage("transfer", build(best), best.train, splits, fingerprint(cfg.seed, best), trunk=trunk,
-                           hparams=trained_values("transfer", best))
+    # a fresh head per seed, on the features computed once
+    return run_keras_stage("transfer", lambda seed: build(best), best.train, splits, fingerprint(cfg.seed, best),
+                           cfg.seed, trunk=trunk, hparams=trained_values("transfer", best))
 
 
 if __name__ == "__main__":
