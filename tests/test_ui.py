@@ -79,10 +79,16 @@ def wait_for_text(driver, *texts: str, timeout: float = 90) -> str:
 
 
 def test_the_ui_lists_the_stage_runs_and_compares_two(ui, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
     url, ids = ui
     browser.get(f"{url}/#/experiments/1/runs")
-    # the experiment (one per data set) opens on its training runs, not on MLflow's GenAI views
-    wait_for_text(browser, "fashion_mnist", "Training runs", "baseline", "cnn", "2 matching runs")
+    # the experiment (one per data set) opens on its training runs, not on MLflow's GenAI views; one row per
+    # pipeline execution, whose stage runs unfold under it
+    text = wait_for_text(browser, "fashion_mnist", "Training runs", "by hand exec-1", "3 matching runs")
+    assert "baseline" not in text
+    browser.find_element(By.CSS_SELECTOR, 'button[data-component-id*="runnamecellrenderer"]').click()
+    wait_for_text(browser, "baseline", "cnn")
     browser.save_screenshot(str(tmp_path / "runs.png"))
 
     runs = ",".join(f'"{ids[stage]}"' for stage in ("baseline", "cnn"))
