@@ -148,6 +148,7 @@ def logged_outcomes(client: MlflowClient, run_id: str, dest: Path) -> np.ndarray
     return np.array([r["true"] == r["predicted"] for r in rows])
 
 
+@pytest.mark.slow
 def test_runs_on_different_test_sets_are_not_compared(split_data, store, tmp_path, monkeypatch, capsys):
     overrides = (*split_data_overrides(split_data), f"tracking.uri={store}")
     first = run_stage(monkeypatch, baseline, *overrides)

@@ -38,7 +38,8 @@ def test_baseline(split_data):
     assert model.predict_proba(np.zeros((1, 784))).shape == (1, 10)
 
 
-@pytest.mark.parametrize("stage", [cnn, cnn_aug], ids=["cnn", "cnn_aug"])
+@pytest.mark.parametrize("stage", [pytest.param(cnn, id="cnn"),
+                                   pytest.param(cnn_aug, id="cnn_aug", marks=pytest.mark.slow)])
 def test_keras_stages(split_data, stage):
     name = stage.__name__.rsplit(".", 1)[-1]
     cfg = load_config(*split_data_overrides(split_data), *SMALL_CNN, "cnn_aug.init=scratch")
@@ -47,6 +48,7 @@ def test_keras_stages(split_data, stage):
     check_keras_stage(name, stage.run(cfg))
 
 
+@pytest.mark.slow
 def test_cnn_aug_continues_from_the_cnn_model(split_data):
     overrides = (*split_data_overrides(split_data), *SMALL_CNN, "cnn_aug.init=cnn")
     cnn.run(load_config(*overrides))
@@ -55,6 +57,7 @@ def test_cnn_aug_continues_from_the_cnn_model(split_data):
     assert [layer.name for layer in model.layers[1:]] == ["augmentation", "cnn"]
 
 
+@pytest.mark.slow
 def test_transfer_then_finetune(split_data):
     """transfer trains only a head on the frozen hed-VGG16 trunk; finetune then trains only the top block."""
     cfg = load_config(*split_data_overrides(split_data), "transfer.head_units=16", "finetune.augment=true")

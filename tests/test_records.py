@@ -36,6 +36,7 @@ def runs_of(store: str, query: str = "") -> list:
     return client.search_runs([client.get_experiment_by_name("fashion_mnist").experiment_id], query)
 
 
+@pytest.mark.slow
 def test_a_searched_stage_logs_the_values_it_trained_with(split_data, store, tmp_path):
     cfg = load_config(*split_data_overrides(split_data), *SEARCHED_CNN, f"tracking.uri={store}")
     with tracking.stage_run("cnn", cfg) as cnn_id:
@@ -137,7 +138,8 @@ def statuses(store: str) -> dict[str, str]:
     return {r.data.tags["pipeline.kind"]: r.info.status for r in runs_of(store)}
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143),
+                                          pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)])
 def test_a_stopped_stage_ends_its_runs_killed(split_data, store, workdir, signum, code):
     process = start_and_wait_for_a_trial(stage_command(split_data, store), store, workdir)
     process.send_signal(signum)
@@ -147,6 +149,7 @@ def test_a_stopped_stage_ends_its_runs_killed(split_data, store, workdir, signum
     assert "Traceback" not in output
 
 
+@pytest.mark.slow
 def test_runs_of_a_sigkilled_stage_are_closed_by_the_next_run(split_data, store, workdir):
     process = start_and_wait_for_a_trial(stage_command(split_data, store), store, workdir)
     process.kill()

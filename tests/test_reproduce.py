@@ -67,7 +67,6 @@ def artifact_text(client: MlflowClient, run_id: str, path: str, dest: Path) -> s
     return Path(client.download_artifacts(run_id, path, str(dest))).read_text()
 
 
-@pytest.mark.slow
 def test_the_worktree_lock_keeps_only_the_stage_and_what_it_reads(tmp_path):
     """A lock committed before a later `dvc repro` names outputs this cache never held; DVC would fail on them
     when it commits the experiment, so the reproduction forgets every stage it neither runs nor reads."""
@@ -81,6 +80,7 @@ def test_the_worktree_lock_keeps_only_the_stage_and_what_it_reads(tmp_path):
     assert kept["stages"]["split"]["outs"][0]["path"] == "models/split"
 
 
+@pytest.mark.slow
 def test_a_baseline_run_is_reproduced_as_an_experiment_in_the_same_store(repo, tmp_path, monkeypatch,  # noqa: F811
                                                                           capsys):
     run(repo, "dvc", "exp", "run", *SMALL, "baseline")

@@ -51,6 +51,7 @@ def same_weights(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
     return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
+@pytest.mark.slow
 def test_each_seed_is_a_child_run_and_the_stage_run_holds_their_spread(split_data, store):
     cfg = config(split_data, store, "cnn.train.seeds=[3,5,7]")
     with tracking.stage_run("cnn", cfg) as run_id:
@@ -102,6 +103,7 @@ class InterruptAfterFirstEpoch(keras.callbacks.Callback):
         raise Interrupt
 
 
+@pytest.mark.slow
 def test_a_killed_multi_seed_run_does_not_fit_finished_seeds_again(split_data, store):
     cfg = config(split_data, store, "cnn.train.seeds=[3,5]")
     splits = load_splits(SPLIT_DIR)

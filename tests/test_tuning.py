@@ -65,7 +65,8 @@ def test_space_to_hyperparameters_with_a_condition():
     assert define(chosen, params)["dropout"] == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("kind", ["random", "bayesian", "hyperband"])
+@pytest.mark.parametrize("kind", ["random", pytest.param("bayesian", marks=pytest.mark.slow),
+                                  pytest.param("hyperband", marks=pytest.mark.slow)])
 def test_two_trial_search_logs_nested_runs_and_carries_the_best_forward(split_data, tmp_path, monkeypatch, kind):
     monkeypatch.setenv(tracking.EXECUTION_ID_ENV, "test")
     store = f"sqlite:///{tmp_path / 'store.db'}"
@@ -99,6 +100,7 @@ def test_two_trial_search_logs_nested_runs_and_carries_the_best_forward(split_da
     assert client.get_run(run_id).data.tags["search.importance_note"].startswith(f"too few trials ({len(rows)})")
 
 
+@pytest.mark.slow
 def test_cnn_aug_builds_on_the_best_architecture(split_data):
     overrides = (*split_data_overrides(split_data), *SEARCHED_CNN)
     searched = cnn.run(load_config(*overrides))
@@ -124,6 +126,7 @@ def test_search_disabled_trains_the_configured_values(split_data):
     assert not (model_dir("cnn") / "search").exists()
 
 
+@pytest.mark.slow
 def test_a_killed_search_resumes_without_redoing_finished_trials(split_data, tmp_path):
     store = f"sqlite:///{tmp_path / 'store.db'}"
     args = [sys.executable, "-m", "pipeline.stages.cnn", "profile=smoke", *split_data_overrides(split_data),
@@ -152,6 +155,7 @@ def test_a_killed_search_resumes_without_redoing_finished_trials(split_data, tmp
     assert rerun and not rerun & {f"trial {name.removeprefix('trial_')}" for name in done_before_kill}
 
 
+@pytest.mark.slow
 def test_a_changed_space_starts_a_fresh_search(split_data):
     base = (*split_data_overrides(split_data), *SEARCHED_CNN)
     splits = load_splits(SPLIT_DIR)
