@@ -134,14 +134,7 @@ def stage_run(stage: str, cfg: Config) -> Iterator[str]:
 @contextlib.contextmanager
 def trial_run(name: str, params: dict[str, Any]) -> Iterator[str | None]:
     """A run nested in the active stage run for one tuner trial, with its stage's tags and its hyperparameters."""
-    parent = mlflow.active_run()
-    if parent is None:
-        yield None
-        return
-    tags = {k: v for k, v in parent.data.tags.items() if k.startswith(("pipeline.", "dvc.", "git.", "mlflow.source"))}
-    with _run(experiment_id=parent.info.experiment_id, run_name=name, nested=True,
-              tags={**tags, KIND_TAG: "trial", "pipeline.trial": name}) as run_id:
-        mlflow.log_params(params)
+    with _child_run(name, {KIND_TAG: "trial", "pipeline.trial": name}, params) as run_id:
         yield run_id
 
 
@@ -149,18 +142,30 @@ def trial_run(name: str, params: dict[str, Any]) -> Iterator[str | None]:
 def seed_run(seed: int, fitted: bool = True) -> Iterator[str | None]:
     """A run nested in the active stage run for one seed's fit of the final model (`train.seeds`), like a tuner
     trial's. `fitted=False`: an earlier, interrupted run of the stage fitted it; this run only shows its results."""
+    tags = {KIND_TAG: "seed", "pipeline.seed": str(seed), "pipeline.seed_fitted": str(fitted).lower()}
+    if not fitted:
+        tags["mlflow.note.content"] = (f"Seed {seed} was fitted and evaluated by an earlier run of this stage that was "
+                                       "interrupted later: its history and results are replayed, not fitted again.")
+    with _child_run(f"seed {seed}", tags, {"seed": seed}) as run_id:
+        yield run_id
+
+
+@contextlib.contextmanager
+def _child_run(name: str, tags: dict[str, str], params: dict[str, Any]) -> Iterator[str | None]:
+    """A run nested in the active stage run, with the stage's tags, `tags` and `params`; nothing without a run."""
     parent = mlflow.active_run()
     if parent is None:
         yield None
         return
-    tags = {k: v for k, v in parent.data.tags.items() if k.startswith(("pipeline.", "dvc.", "git.", "mlflow.source"))}
-    tags.update({KIND_TAG: "seed", "pipeline.seed": str(seed), "pipeline.seed_fitted": str(fitted).lower()})
-    if not fitted:
-        tags["mlflow.note.content"] = (f"Seed {seed} was fitted and evaluated by an earlier run of this stage that was "
-                                       "interrupted later: its history and results are replayed, not fitted again.")
-    with _run(experiment_id=parent.info.experiment_id, run_name=f"seed {seed}", nested=True, tags=tags) as run_id:
-        mlflow.log_param("seed", seed)
+    with _run(experiment_id=parent.info.experiment_id, run_name=name, nested=True,
+              tags={**_inherited_tags(parent), **tags}) as run_id:
+        mlflow.log_params(params)
         yield run_id
+
+
+def _inherited_tags(run: mlflow.entities.Run) -> dict[str, str]:
+    """What a run's children share with it: its stage, execution, DVC experiment and git state."""
+    return {k: v for k, v in run.data.tags.items() if k.startswith(("pipeline.", "dvc.", "git.", "mlflow.source"))}
 
 
 @contextlib.contextmanager
@@ -226,8 +231,7 @@ def log_reused(stage: str, source_run_id: str, values: dict[str, float], cfg: Tr
         source = None
     if parent is None or (source and source.data.tags.get("pipeline.execution_id") == execution_id()):
         return None
-    tags = {k: v for k, v in mlflow.active_run().data.tags.items() if k.startswith(("pipeline.", "dvc.", "git.",
-                                                                                   "mlflow.source"))}
+    tags = _inherited_tags(mlflow.active_run())
     link = run_link(source_run_id, cfg) if source else None
     note = (f"DVC skipped **{stage}** in this execution: its outputs are those of run "
             f"[{source_run_id[:8]}]({link or '#'}).")
