@@ -1,8 +1,9 @@
 """Grad-CAM heat maps: which parts of an image made a Keras model choose a class.
 
-The model is run as a chain of layers up to its last spatial feature maps, then on to class probabilities.
-A nested model that holds the step from feature maps to a vector (a transfer head, a fine-tuned transfer
-model) is opened up; any other layer runs whole, so a backbone with skip connections is fine. The class
+The model is run as a chain of steps up to its last spatial feature maps, then on to class probabilities.
+A network (a cnn, or a nested model that holds the step from feature maps to a vector: a transfer head, the
+cnn behind augmentation layers) is split in two at its last feature maps, so skip connections are fine; any
+other nested model (a backbone) runs whole. The class
 score is the class's log-probability minus the mean over classes (the logit up to a shift, so no access
 to the logits is needed, and no softmax saturation hides the gradient). Keras has no backend-neutral
 gradient, so the one gradient call is made with the backend's own autodiff (TensorFlow or JAX); on another
@@ -26,16 +27,26 @@ PASS_THROUGH = (layers.MaxPooling2D, layers.AveragePooling2D, layers.Dropout)  #
 
 
 def chain(model: keras.Model) -> list[keras.Layer]:
-    """The model's layers in order, with nested models that turn feature maps into vectors opened up."""
+    """Steps that run in order: a wrapper's layers, with the nested models that turn feature maps into vectors
+    opened up; a network without such nested models split at its last feature maps (`_split`)."""
+    nested = [layer for layer in model.layers
+              if isinstance(layer, keras.Model) and _spatial(layer.input) and not _spatial(layer.output)]
+    if not nested:
+        return _split(model)
     out: list[keras.Layer] = []
     for layer in model.layers:
-        if isinstance(layer, layers.InputLayer):
-            continue
-        if isinstance(layer, keras.Model) and _spatial(layer.input) and not _spatial(layer.output):
-            out += chain(layer)
-        else:
-            out.append(layer)
+        if not isinstance(layer, layers.InputLayer):
+            out += chain(layer) if layer in nested else [layer]
     return out
+
+
+def _split(model: keras.Model) -> list[keras.Layer]:
+    """[inputs -> last feature maps, last feature maps -> outputs] as two models; [model] if it has none inside."""
+    maps = [layer.output for layer in model.layers
+            if not isinstance(layer, (layers.InputLayer, *PASS_THROUGH)) and _spatial(layer.output)]
+    if not maps:
+        return [model]
+    return [keras.Model(model.inputs, maps[-1]), keras.Model(maps[-1], model.outputs)]
 
 
 def gradcam(model: keras.Model, images: np.ndarray, targets: np.ndarray) -> np.ndarray | None:
@@ -79,6 +90,8 @@ def write_gradcam(path: Path, model: keras.Model, images: np.ndarray, y_true: np
 
 
 def _spatial(tensor) -> bool:
+    if isinstance(tensor, list | tuple):  # a model's one input or output, as a list
+        tensor = tensor[0]
     return len(tensor.shape) == 4
 
 

@@ -40,6 +40,18 @@ class Anchor:
 
 
 @dataclass
+class AugmentConfig:
+    """Augmentation layers, active only in training (cnn_aug, finetune); 0 or false turns one off."""
+
+    flip: bool = setting()  # horizontal; also allows flip test-time augmentation (`evaluation.tta`)
+    crop_px: int = setting(ge=0, le=8)  # pad-and-crop: shift by up to this many whole pixels (nearest)
+    translate: float = setting(ge=0.0, le=0.5)  # bilinear shift by up to this fraction of height and width
+    zoom: float = setting(ge=0.0, le=0.5)
+    rotation: float = setting(ge=0.0, le=0.5)  # fraction of a full turn
+    erasing: float = setting(ge=0.0, le=1.0)  # chance of erasing a random rectangle
+
+
+@dataclass
 class DataConfig:
     name: str = setting()
     format: str = setting(choices=("idx", "image_folder"))
@@ -58,6 +70,8 @@ class DataConfig:
     retries: int = setting(ge=1, le=10)
     timeout_s: float = setting(gt=0.0)
     anchors: dict[str, Anchor] = setting()  # stage -> published result to compare with (metrics/report.md)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # the data set's call: which
+    # transforms keep a class's meaning (a mirrored digit is not the same digit)
 
 
 @dataclass
@@ -65,12 +79,20 @@ class TrainConfig:
     """How a Keras stage trains: the one fit loop in `pipeline.training` reads this."""
 
     epochs: int = setting(ge=1)
+    min_images: Optional[int] = setting(ge=1, optional=True)  # train on at least this many images: a small data
+    # set gets more epochs (enough optimizer steps); null: `epochs` as set
     batch_size: int = setting(ge=1)
     optimizer: str = setting(choices=("adam", "adamw", "sgd"))
-    lr: float = setting(gt=0.0, le=1.0)
+    lr: float = setting(gt=0.0, le=1.0)  # the peak, after warm-up
     weight_decay: float = setting(ge=0.0)
-    lr_schedule: str = setting(choices=("plateau", "cosine", "constant"))
-    patience: int = setting(ge=1)  # epochs without a better val_accuracy before stopping
+    lr_schedule: str = setting(choices=("plateau", "cosine", "constant"))  # cosine: to zero at the last step
+    warmup: float = setting(ge=0.0, lt=1.0)  # fraction of the steps rising linearly from lr/25 (cosine after it:
+    # one-cycle)
+    label_smoothing: float = setting(ge=0.0, lt=1.0)
+    ema: bool = setting()  # evaluate and keep an exponential moving average of the weights (momentum 0.99)
+    precision: str = setting(choices=("float32", "mixed_bfloat16"))  # mixed: bfloat16 compute, float32 weights
+    patience: Optional[int] = setting(ge=1, optional=True)  # epochs without a better val_accuracy before stopping;
+    # null: never stop early (a schedule that anneals to zero wants its last epochs)
     seeds: list[int] = setting(ge=0)  # []: one fit with the global `seed`; two or more: the final model once per
     # seed (mean and std of val and test accuracy logged), the first seed's model the stage's output
 
@@ -92,31 +114,24 @@ class BaselineConfig:
 
 @dataclass
 class CnnConfig:
-    blocks: int = setting(ge=1, le=5)  # conv blocks, each ending in max pooling
+    """A convolutional network (`pipeline.models.cnn`): plain conv blocks with max pooling and a flattened dense
+    head, or residual blocks that halve the resolution, global average pooling and a linear head."""
+
+    arch: str = setting(choices=("plain", "resnet"))
+    blocks: int = setting(ge=1, le=5)  # each halves the resolution (max pooling, or a strided first conv)
     filters: int = setting(ge=1)  # of the first block; doubled in each later block
     convs_per_block: int = setting(ge=1, le=4)
     kernel_size: int = setting(choices=(3, 5, 7))
     batch_norm: bool = setting()
-    dropout: float = setting(ge=0.0, lt=1.0)
-    dense_units: int = setting(ge=1)
+    dropout: float = setting(ge=0.0, lt=1.0)  # plain: after each block and the dense layer; resnet: before the head
+    dense_units: int = setting(ge=0)  # a hidden dense layer before the classifier; 0: none
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
 
 
 @dataclass
-class AugmentConfig:
-    """Augmentation layers, active only in training (cnn_aug, finetune); 0 or false turns one off."""
-
-    flip: bool = setting()  # horizontal
-    translate: float = setting(ge=0.0, le=0.5)  # fraction of height and width
-    zoom: float = setting(ge=0.0, le=0.5)
-    rotation: float = setting(ge=0.0, le=0.5)  # fraction of a full turn
-    erasing: float = setting(ge=0.0, le=1.0)  # chance of erasing a random rectangle
-
-
-@dataclass
 class CnnAugConfig:
-    """The cnn architecture (section `cnn`) trained with augmentation (section `augment`)."""
+    """The cnn architecture (section `cnn`) trained with the data set's augmentation (`data.augment`)."""
 
     init: str = setting(choices=("scratch", "cnn"))  # cnn: continue from the cnn stage's trained model
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -142,7 +157,7 @@ class FinetuneConfig:
     """The transfer model with its top backbone blocks unfrozen, trained end to end at a low learning rate."""
 
     unfreeze_blocks: int = setting(ge=1)
-    augment: bool = setting()  # train with the `augment` section's transforms
+    augment: bool = setting()  # train with the data set's transforms (`data.augment`)
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
 
@@ -157,6 +172,14 @@ class TunerConfig:
     patience: int = setting(ge=1)  # a trial stops after this many epochs without a better objective
     subset: Optional[int] = setting(ge=10, optional=True)  # training images per trial (stratified); null: all
     hyperband_factor: int = setting(ge=2)
+
+
+@dataclass
+class EvaluationConfig:
+    """How every Keras stage scores its final model (the validation split for choices, the test split once)."""
+
+    tta: bool = setting()  # also score with the horizontal flip averaged in (where `data.augment.flip`): logged
+    # as `*_tta` metrics beside the plain ones, which stay the stage's headline
 
 
 @dataclass
@@ -177,9 +200,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     cnn: CnnConfig = field(default_factory=CnnConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
     cnn_aug: CnnAugConfig = field(default_factory=CnnAugConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     tuner: TunerConfig = field(default_factory=TunerConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

@@ -587,6 +587,12 @@ def _git(*args: str) -> str | None:
     return result.stdout.strip()
 
 
+def log_params(values: dict[str, Any]) -> None:
+    """Params the stage knows only once it runs (such as the epochs its budget came to), on the active run."""
+    if mlflow.active_run() is not None:
+        mlflow.log_params(values)
+
+
 def log_trained_params(values: dict[str, Any], source: str) -> None:
     """The values a stage trains with for its searched settings, as its params, and their source as a tag."""
     if mlflow.active_run() is not None:

@@ -16,7 +16,9 @@ best on the test split); its metrics add the seeds' mean and std.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -24,7 +26,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,7 @@ from pipeline.files import atomic_path, write_json
 from pipeline.gradcam import write_gradcam
 from pipeline.outputs import predict_timed, save_keras_model, write_stage_outputs
 from pipeline.paths import work_dir
-from pipeline.schema import TrainConfig
+from pipeline.schema import Config, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -82,20 +84,53 @@ class SeedRecord:
     weights: str  # file name, in the seed's work dir, of the trained model's weights (the head's, for a trunk stage)
 
 
+def budgeted(cfg: TrainConfig, n_train: int) -> TrainConfig:
+    """`cfg` with its epochs raised to see at least `cfg.min_images` images: a few thousand images still get
+    enough optimizer steps."""
+    if cfg.min_images is None:
+        return cfg
+    return dataclasses.replace(cfg, epochs=max(cfg.epochs, math.ceil(cfg.min_images / n_train)))
+
+
+@contextlib.contextmanager
+def precision(cfg: TrainConfig) -> Iterator[None]:
+    """Layers built inside take `cfg.precision` as their dtype policy (Keras' is process-wide: restored after)."""
+    before = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(cfg.precision)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(before)
+
+
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """The optimizer with its schedule: cosine runs to zero at the last step, after `warmup` of the steps rising from
+    lr/25 (one-cycle); EMA of the weights if `ema` (SwapEMAWeights in `fit` evaluates and keeps it)."""
     lr = cfg.lr
+    steps = cfg.epochs * steps_per_epoch
+    warmup = int(cfg.warmup * steps)
     if cfg.lr_schedule == "cosine":
-        lr = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=cfg.epochs * steps_per_epoch)
+        lr = keras.optimizers.schedules.CosineDecay(cfg.lr / 25 if warmup else cfg.lr, decay_steps=steps - warmup,
+                                                    warmup_target=cfg.lr if warmup else None, warmup_steps=warmup)
+    common = dict(use_ema=cfg.ema, ema_momentum=0.99)
     if cfg.optimizer == "sgd":
-        return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay or None)
+        return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay or None, **common)
     if cfg.optimizer == "adamw":
-        return keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay)
-    return keras.optimizers.Adam(lr, weight_decay=cfg.weight_decay or None)
+        return keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay, **common)
+    return keras.optimizers.Adam(lr, weight_decay=cfg.weight_decay or None, **common)
 
 
 def compile_model(model: keras.Model, cfg: TrainConfig, n_train: int) -> None:
+    """Compile for one-hot targets (`one_hot`): Keras' sparse loss has no label smoothing."""
     model.compile(optimizer=make_optimizer(cfg, math.ceil(n_train / cfg.batch_size)),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+                  metrics=["accuracy"])
+
+
+def one_hot(data: Arrays, n_classes: int) -> Arrays:
+    """(images, one-hot float32 targets) for `compile_model`'s loss."""
+    x, y = data
+    return np.asarray(x), np.eye(n_classes, dtype="float32")[np.asarray(y, dtype=np.int64)]
 
 
 class _LogLearningRate(keras.callbacks.Callback):
@@ -130,14 +165,19 @@ def fit(model: keras.Model, train: tuple[np.ndarray, np.ndarray], val: tuple[np.
         keras.callbacks.CSVLogger(str(history_csv), append=True),
         keras.callbacks.ModelCheckpoint(str(best_weights), monitor=MONITOR, mode="max", save_best_only=True,
                                         save_weights_only=True, initial_value_threshold=best_so_far),
-        keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.patience),
     ]
+    if cfg.ema:  # validation scores the averaged weights; the checkpoint after it keeps them, the backup before not
+        callbacks.insert(4, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
+    if cfg.patience is not None:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.patience))
     if cfg.lr_schedule == "plateau":
         callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=MONITOR, mode="max", factor=0.5,
-                                                           patience=max(1, cfg.patience // 2), min_lr=cfg.lr / 64))
+                                                           patience=max(1, (cfg.patience or 2) // 2),
+                                                           min_lr=cfg.lr / 64))
+    n_classes = model.output_shape[-1]
     start = time.perf_counter()
-    model.fit(np.asarray(train[0]), np.asarray(train[1]), validation_data=(np.asarray(val[0]), np.asarray(val[1])),
-              epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True, callbacks=callbacks, verbose=progress())
+    model.fit(*one_hot(train, n_classes), validation_data=one_hot(val, n_classes), epochs=cfg.epochs,
+              batch_size=cfg.batch_size, shuffle=True, callbacks=callbacks, verbose=progress())
     seconds = time.perf_counter() - start
     if best_weights.exists():
         model.load_weights(best_weights)
@@ -204,14 +244,17 @@ def clear_work_dir(work_dir: Path) -> None:
 
 def run_keras_stage(stage: str, make_model: Callable[[int], keras.Model], cfg: TrainConfig, splits: Splits,
                     fingerprint: str, seed: int, trunk: keras.Model | None = None,
-                    hparams: dict[str, Any] | None = None) -> dict:
+                    hparams: dict[str, Any] | None = None, tta: bool = False) -> dict:
     """Build, compile, fit (resumably), evaluate once on the test split, write the stage's outputs and model.
 
     `make_model(s)` builds a fresh uncompiled model after `keras.utils.set_random_seed(s)`, for `s` the global `seed`,
     or each of `cfg.seeds` (its own seeded layers, such as augmentation, take `s` too). With a frozen `trunk`, the
     model is a head trained on the trunk's features (computed once), and the model evaluated and saved is
-    trunk + head, on images."""
+    trunk + head, on images. `tta`: also score the final model with flip test-time augmentation (`flip_tta`).
+    Epochs are raised to `cfg.min_images` images seen (`budgeted`)."""
     train, val = (splits.train, splits.val) if trunk is None else frozen_features(trunk, splits, stage)
+    cfg = budgeted(cfg, len(train[1]))
+    tracking.log_params({"train.epochs_run": cfg.epochs})  # what `min_images` made of `epochs`
     # keyed by the code too: a run resumed after a code change must not continue the old code's weights
     key = f"{fingerprint}-{code_digest(stage)}"
     if len(cfg.seeds) < 2:
@@ -219,7 +262,8 @@ def run_keras_stage(stage: str, make_model: Callable[[int], keras.Model], cfg: T
         final, spread = train_and_test(stage, make_model, one, cfg, (train, val), splits, trunk, key), None
     else:
         final, spread = train_seeds(stage, make_model, cfg, (train, val), splits, trunk, key)
-    metrics = write_outputs(stage, final, splits, hparams, spread)
+    extra = flip_tta(final.model, splits) if tta else {}
+    metrics = write_outputs(stage, final, splits, hparams, spread, extra)
     clear_work_dir(work_dir(stage))
     log.info("%s: test accuracy %.4f (val %.4f, best epoch %d of %d)", stage, metrics["test"]["accuracy"],
              metrics["val_accuracy"], final.fit.best_epoch + 1, len(final.fit.history))
@@ -231,7 +275,8 @@ def train_and_test(stage: str, make_model: Callable[[int], keras.Model], seed: i
                    directory: Path | None = None) -> Final:
     """One seed's fit (state in `directory`, by default the stage's `fit/`) and its model's test predictions."""
     keras.utils.set_random_seed(seed)
-    model = make_model(seed)
+    with precision(cfg):
+        model = make_model(seed)
     compile_model(model, cfg, len(data[0][1]))
     result = fit(model, *data, cfg, directory or work_dir(stage) / "fit", key)
     return tested(stage, model, result, splits, trunk)
@@ -265,7 +310,7 @@ def train_seeds(stage: str, make_model: Callable[[int], keras.Model], cfg: Train
             else:
                 log.info("%s: seed %d was fitted by an earlier run: not fitted again", stage, seed)
                 replay(read_history(directory / "history.csv"))
-                final = reload_seed(stage, make_model, record, directory, splits, trunk) if first is None else None
+                final = reload_seed(stage, make_model, cfg, record, directory, splits, trunk) if first is None else None
             tracking.log_seed_result(record.val_accuracy, record.test_accuracy)
         log.info("%s: seed %d: val accuracy %.4f, test accuracy %.4f", stage, seed, record.val_accuracy,
                  record.test_accuracy)
@@ -296,12 +341,13 @@ def read_seed(directory: Path) -> SeedRecord | None:
     return SeedRecord(**json.loads(path.read_text())) if path.is_file() else None
 
 
-def reload_seed(stage: str, make_model: Callable[[int], keras.Model], record: SeedRecord, directory: Path,
-                splits: Splits, trunk: keras.Model | None) -> Final:
+def reload_seed(stage: str, make_model: Callable[[int], keras.Model], cfg: TrainConfig, record: SeedRecord,
+                directory: Path, splits: Splits, trunk: keras.Model | None) -> Final:
     """A finished seed's model, rebuilt and given its saved weights (the first seed's: the stage writes it out); its
     fit seconds are those of the run that fitted it."""
     keras.utils.set_random_seed(record.seed)
-    model = make_model(record.seed)
+    with precision(cfg):
+        model = make_model(record.seed)
     model.load_weights(directory / record.weights)
     history = read_history(directory / "history.csv")
     return tested(stage, model, FitResult(history, record.fit_seconds, record.best_epoch), splits, trunk)
@@ -317,9 +363,25 @@ def seed_spread(records: list[SeedRecord]) -> dict[str, Any]:
             "test_accuracy": spread([r.test_accuracy for r in records])}
 
 
+def tta_enabled(cfg: Config) -> bool:
+    """Flip test-time augmentation: asked for by `evaluation.tta` and allowed by the data set (`data.augment.flip`)."""
+    return cfg.evaluation.tta and cfg.data.augment.flip
+
+
+def flip_tta(model: keras.Model, splits: Splits) -> dict[str, float]:
+    """Validation and test accuracy with flip test-time augmentation: the mean of the probabilities for each image
+    and its mirror image (as metrics beside the plain ones)."""
+
+    def accuracy(x: np.ndarray, y: np.ndarray) -> float:
+        probs = model.predict(x, batch_size=512, verbose=0) + model.predict(x[:, :, ::-1], batch_size=512, verbose=0)
+        return float(np.mean(np.argmax(probs, axis=1) == y))
+
+    return {"val_accuracy_tta": accuracy(*splits.val), "test_accuracy_tta": accuracy(*splits.test)}
+
+
 def write_outputs(stage: str, final: Final, splits: Splits, hparams: dict[str, Any] | None,
-                  spread: dict[str, Any] | None) -> dict:
-    """The stage's metrics, plots (Grad-CAM included) and saved model, from `final`."""
+                  spread: dict[str, Any] | None, extra: dict[str, float]) -> dict:
+    """The stage's metrics (and `extra` ones), plots (Grad-CAM included) and saved model, from `final`."""
     x_test, y_test = splits.test
     model, y_prob = final.model, final.y_prob
 
@@ -329,6 +391,7 @@ def write_outputs(stage: str, final: Final, splits: Splits, hparams: dict[str, A
     metrics = write_stage_outputs(stage, y_test, y_prob, splits.classes, images=x_test, explain=explain,
                                   history=final.fit.history, val_accuracy=final.fit.val_accuracy,
                                   fit_seconds=final.fit.fit_seconds, parameters=model.count_params(),
-                                  images_per_second=final.images_per_second, hparams=hparams, seeds=spread)
+                                  images_per_second=final.images_per_second, hparams=hparams, seeds=spread,
+                                  extra=extra)
     save_keras_model(stage, model, example=x_test[:3])
     return metrics

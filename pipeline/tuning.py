@@ -102,21 +102,24 @@ def _search(stage, section, params, build, train, val, tuner_cfg, seed) -> dict[
     import keras
     import keras_tuner
 
-    from pipeline.training import TrackEpochs, compile_model, progress
+    from pipeline.training import TrackEpochs, compile_model, one_hot, precision, progress
 
     x, y = _subset(train, tuner_cfg.subset, seed)
     objective = keras_tuner.Objective(tuner_cfg.objective, "min" if tuner_cfg.objective.endswith("loss") else "max")
+    section = trial_budget(section, tuner_cfg)
 
     class HyperModel(keras_tuner.HyperModel):
         def build(self, hp):
             candidate = apply(section, define(hp, params))
-            model = build(candidate)
+            with precision(candidate.train):
+                model = build(candidate)
             compile_model(model, candidate.train, len(y))
             return model
 
-        def fit(self, hp, model, *args, **kwargs):
-            candidate = apply(section, define(hp, params))
-            return model.fit(*args, batch_size=candidate.train.batch_size, **kwargs)
+        def fit(self, hp, model, x, y, validation_data, **kwargs):
+            candidate, n_classes = apply(section, define(hp, params)), model.output_shape[-1]
+            return model.fit(*one_hot((x, y), n_classes), validation_data=one_hot(validation_data, n_classes),
+                             batch_size=candidate.train.batch_size, **kwargs)
 
     key = _search_key(stage, section, tuner_cfg, seed, x, y, *val)
     directory = work_dir(stage) / "search"
@@ -142,10 +145,18 @@ def _search(stage, section, params, build, train, val, tuner_cfg, seed) -> dict[
         raise PipelineError(f"{stage}: {len(failed)} of {len(rows)} tuner trials did not complete (trial "
                             f"{failed[0]['trial']}: {failed[0]['status']} {failed[0]['message']}); see the log above")
     _write_trials(stage, rows, params, tuner_cfg.objective, objective.direction, seed)
-    values = {p.name: rows[0][p.name] for p in params if rows[0][p.name] != ""}
+    values = {p.name: rows[0][p.name] for p in params if rows[0][p.name] != ""}  # applied to the final budget
     log.info("%s: best of %d trials, %s %.4f: %s", stage, len(rows), tuner_cfg.objective, rows[0]["score"], values)
     return {"values": values, "source": "search", "objective": tuner_cfg.objective, "score": rows[0]["score"],
             "trials": len(rows), "tuner": tuner_cfg.kind}
+
+
+def trial_budget(section: Any, tuner_cfg: TunerConfig) -> Any:
+    """The section as a trial trains it: the tuner's epochs (its schedule spans them) and none of the final fit's
+    budget, so that the search, and its saved state, do not depend on the final fit's epochs, patience or seeds."""
+    train = dataclasses.replace(section.train, epochs=tuner_cfg.epochs, min_images=None, patience=tuner_cfg.patience,
+                                seeds=[])
+    return dataclasses.replace(section, train=train)
 
 
 def _tracked(base):

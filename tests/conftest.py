@@ -81,9 +81,14 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
+# Unit tests train for the epochs they set (the smoke profile's `min_images` would multiply them) and search with
+# the cheapest tuner; the smoke end-to-end test runs the profile as it is, and test_tuning each tuner kind.
+UNIT = ("tuner=random", *(f"{s}.train.min_images=null" for s in ("cnn", "cnn_aug", "transfer", "finetune")))
+
+
 def load_config(*overrides: str) -> Config:
     """The real conf/ composed with overrides, validated as a stage would see it."""
-    return config.load(overrides=["profile=smoke", *overrides])
+    return config.load(overrides=["profile=smoke", *UNIT, *overrides])
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

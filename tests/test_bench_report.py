@@ -41,7 +41,8 @@ def write_metrics(directory: Path) -> Path:
 @pytest.fixture
 def results(bench: ModuleType, tmp_path: Path) -> dict:
     hparams = write_metrics(tmp_path / "metrics")
-    return bench.collect(TIMES, REFERENCE, default_val=0.930, smoke=120.0, metrics_dir=tmp_path / "metrics",
+    default = {"mean": 0.930, "std": 0.0015, "per_seed": [0.9285, 0.9300, 0.9315]}
+    return bench.collect(TIMES, REFERENCE, default=default, smoke=120.0, no_op=1.4, metrics_dir=tmp_path / "metrics",
                          best_hparams=hparams)
 
 
@@ -53,12 +54,20 @@ def test_results_hold_the_keys_machines_read(results: dict) -> None:
         assert {"test_accuracy", "val_accuracy", "seconds"} <= results["stages"][stage].keys()
     assert results["stages"]["split"]["test_accuracy"] is None
     assert results["stages"]["cnn"]["val_accuracy"] == 0.932
-    assert results["search"] == {**results["search"], "best_val": 0.932, "default_val": 0.930, "seed_spread": None}
+    assert results["search"] == {**results["search"], "best_val": 0.932, "default_val": 0.930, "seed_spread": 0.0015}
     assert results["ratios"] == {"pipeline_vs_reference": 1.056, "smoke_vs_reference": 0.12}
 
 
 def test_best_stage_is_chosen_on_validation_not_test(results: dict) -> None:
     assert results["best_stage"]["stage"] == "cnn"  # cnn_aug's test accuracy is higher, its validation lower
+
+
+def test_targets_are_judged_on_the_runs_own_numbers(results: dict) -> None:
+    stages = results["stages"]
+    assert stages["cnn"]["reached"] is False  # 0.924 < the reference's 0.933
+    assert stages["cnn_aug"]["reached"] is True and stages["cnn_aug"]["target"] == "> cnn"
+    assert stages["baseline"]["reached"] is True and stages["split"]["target"] is None
+    assert results["search"]["gain"] == 0.002 and results["search"]["reached"] is False  # under +0.003
 
 
 def test_markdown_states_times_as_ratios_to_the_reference(bench: ModuleType, results: dict) -> None:
@@ -69,7 +78,8 @@ def test_markdown_states_times_as_ratios_to_the_reference(bench: ModuleType, res
     assert "| cnn | 0.9240 |" in text and "| 700 | 0.70 |" in text  # stage seconds and their ratio
     assert "test accuracy 0.9330" in text and "16.7 min" in text  # the reference itself
     assert "Best stage, chosen on validation accuracy: cnn" in text
-    assert "0.9320 vs 0.9300 (+0.0020)" in text and "seed spread: not measured yet" in text
+    assert "0.9320 vs 0.9300 (mean of seeds [1, 2, 3]) = +0.0020" in text and "spread (std) 0.0015" in text
+    assert "No-op `dvc repro` (nothing changed): 1.4 s (budget ≤ 3 s: within)" in text
     assert "budget 30 min" not in text and "min (budget" not in text  # no absolute budget
 
 

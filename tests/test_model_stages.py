@@ -12,6 +12,7 @@ import pytest
 
 from pipeline.data.split import load_splits
 from pipeline.errors import DataError
+from pipeline.models.augment import build_augmentation
 from pipeline.models.transfer import build_trunk
 from pipeline.paths import METRICS_DIR, PLOTS_DIR, SPLIT_DIR, WORK_DIR, model_dir
 from pipeline.stages import baseline, cnn, cnn_aug, finetune, transfer
@@ -46,6 +47,32 @@ def test_keras_stages(split_data, stage):
     if stage is cnn_aug:
         cnn.run(cfg)  # cnn_aug reads the cnn stage's best_hparams.json
     check_keras_stage(name, stage.run(cfg))
+
+
+def test_flip_tta_is_logged_beside_the_plain_metrics_where_the_data_set_allows_flips(split_data):
+    overrides = (*split_data_overrides(split_data), *SMALL_CNN, "cnn.train.epochs=1")
+    metrics = cnn.run(load_config(*overrides))
+    model = keras.saving.load_model(model_dir("cnn") / "model.keras", safe_mode=True)
+    x, y = load_splits(SPLIT_DIR).test
+    probs = model.predict(x, verbose=0) + model.predict(x[:, :, ::-1], verbose=0)  # each image and its mirror
+    assert metrics["test_accuracy_tta"] == pytest.approx(np.mean(probs.argmax(axis=1) == y))
+    assert 0 <= metrics["val_accuracy_tta"] <= 1 and "accuracy" in metrics["test"]  # the plain metric stays
+    assert not {"test_accuracy_tta", "val_accuracy_tta"} & cnn.run(load_config(*overrides,
+                                                                               "data.augment.flip=false")).keys()
+
+
+@pytest.mark.parametrize("data, flips", [("fashion_mnist", True), ("mnist", False)])
+def test_each_data_set_sets_its_augmentations(data, flips):
+    augmentation = build_augmentation(load_config(f"data={data}").data.augment, 0, (28, 28, 1))
+    assert any(isinstance(step, keras.layers.RandomFlip) for step in augmentation.layers) == flips
+    image = np.zeros((64, 28, 28, 1), dtype=np.uint8)
+    image[:, 14, 14] = 200
+    shifted = keras.ops.convert_to_numpy(augmentation(image, training=True))
+    rows, cols = np.nonzero(shifted[..., 0] == 200)[1:]  # pad-and-crop: the pixel moves whole pixels, unblurred
+    mirrored = 27 - 14  # where a flip takes column 14
+    assert len(rows) == 64 and np.abs(rows - 14).max() <= 2
+    assert np.minimum(np.abs(cols - 14), np.abs(cols - mirrored) if flips else 99).max() <= 2
+    assert np.count_nonzero(shifted) == 64 and len(set(zip(rows, cols, strict=True))) > 1
 
 
 @pytest.mark.slow

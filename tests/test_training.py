@@ -9,7 +9,15 @@ import pytest
 from pipeline.data.split import load_splits
 from pipeline.models.cnn import build_cnn_from
 from pipeline.paths import SPLIT_DIR, work_dir
-from pipeline.training import compile_model, fit, frozen_features, read_history, run_keras_stage
+from pipeline.training import (
+    budgeted,
+    compile_model,
+    fit,
+    frozen_features,
+    one_hot,
+    read_history,
+    run_keras_stage,
+)
 from tests.conftest import append, load_config
 
 
@@ -72,11 +80,14 @@ def test_state_of_other_settings_is_not_resumed(setup):
     assert len(result.history) == 4
 
 
-def test_best_epoch_weights_are_kept(setup):
+@pytest.mark.parametrize("ema", [False, True])
+def test_best_epoch_weights_are_kept(setup, ema):
+    """With `ema` the validation scores the averaged weights, and those are the ones kept."""
     cfg, splits, work = setup
+    cfg.cnn.train.ema = ema
     model = make_model(cfg, splits)
     result = fit(model, splits.train, splits.val, cfg.cnn.train, work, fingerprint="a")
-    _, accuracy = model.evaluate(*splits.val)
+    _, accuracy = model.evaluate(*one_hot(splits.val, len(splits.classes)))
     best = max(row["val_accuracy"] for row in result.history)
     assert accuracy == pytest.approx(best, abs=1e-6)
     assert result.history[result.best_epoch]["val_accuracy"] == best
@@ -120,3 +131,10 @@ def test_frozen_features_are_keyed_by_the_stages_code(split_data, code_copy):
     assert key() == first
     append(code_copy / "pipeline/models/transfer.py", "# a fix\n")
     assert key() != first
+
+
+def test_min_images_raises_the_epochs_of_a_small_data_set():
+    train = load_config("cnn.train.epochs=2", "cnn.train.min_images=1000").cnn.train
+    assert budgeted(train, 300).epochs == 4  # ceil(1000 / 300): a small data set gets more epochs
+    assert budgeted(train, 5000).epochs == 2  # a large one keeps its epochs
+    assert budgeted(load_config("cnn.train.epochs=2").cnn.train, 300).epochs == 2  # min_images null

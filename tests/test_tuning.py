@@ -38,7 +38,7 @@ SEARCHED_CNN = (*(o for o in SMALL_CNN if not o.startswith("cnn.filters=")), *SP
     ("{lr: {float: [0.0, 0.1], log: true}}", "cnn.search.space.lr: log scale needs min > 0, got 0.0"),
     ("{lr: {uniform: [0.0, 0.1]}}", "cnn.search.space.lr: give exactly one of int: ..., float: ..., choice: ..."),
     ("{lr: {float: [0.1, 0.2], scale: log}}", "cnn.search.space.lr: unknown option 'scale'"),
-    ("{depth: {int: [1, 2]}}", "cnn.search.space.depth: not a setting of this stage; searchable: blocks"),
+    ("{depth: {int: [1, 2]}}", "cnn.search.space.depth: not a setting of this stage; searchable: arch, blocks"),
     ("{blocks: {int: [1.5, 2]}}", "cnn.search.space.blocks: int needs whole numbers"),
     ("{dropout: {float: [0.1, 0.2], when: {batch_norm: [false]}}}",
      "cnn.search.space.dropout.when: batch_norm must be a choice declared before dropout"),
@@ -122,7 +122,8 @@ def test_search_disabled_trains_the_configured_values(split_data):
     cnn.run(load_config(*split_data_overrides(split_data), *SMALL_CNN, "cnn.search.enabled=false"))
     assert json.loads((model_dir("cnn") / "best_hparams.json").read_text()) == {"values": {}, "source": "config",
                                                                                 "trained": {
-        "cnn.blocks": 2, "cnn.filters": 8, "cnn.dropout": 0.25, "cnn.dense_units": 16, "cnn.train.lr": 1e-3}}
+        "cnn.filters": 8, "cnn.dropout": 0.0, "cnn.train.lr": 3e-3, "cnn.train.weight_decay": 5e-4,
+        "cnn.train.label_smoothing": 0.1}}
     assert not (model_dir("cnn") / "search").exists()
 
 
@@ -177,3 +178,23 @@ def test_a_change_of_the_stages_code_starts_a_fresh_search(code_copy):
     assert key() == before  # the same code and settings: the finished trials are resumed
     append(code_copy / "pipeline/models/cnn.py", "# a fix\n")
     assert key() != before
+
+
+def test_a_change_of_the_final_budget_only_keeps_the_finished_search(split_data):
+    base = (*split_data_overrides(split_data), *SEARCHED_CNN)
+    splits = load_splits(SPLIT_DIR)
+
+    def search(*overrides: str) -> dict[str, float]:
+        cfg = load_config(*base, *overrides)
+        tune("cnn", cfg.cnn, lambda c: build_cnn_from(c, splits.image_shape, 10), splits.train, splits.val,
+             cfg.tuner, cfg.seed)
+        return {str(p.relative_to(WORK_DIR)): p.stat().st_mtime_ns
+                for p in (WORK_DIR / "cnn" / "search").glob("*/trial_*/trial.json")}
+
+    trials = search()
+    assert len(trials) == 2
+    # the final fit's epochs, images, patience and seeds: the same search, not one trial run again
+    assert search("cnn.train.epochs=7", "cnn.train.min_images=5000", "cnn.train.patience=2",
+                  "cnn.train.seeds=[1,2]") == trials
+    changed = search("cnn.train.label_smoothing=0.0")  # what a trial trains with: a fresh search
+    assert changed.keys().isdisjoint(trials)

@@ -8,11 +8,15 @@ from keras import layers
 from pipeline.schema import AugmentConfig
 
 
-def build_augmentation(cfg: AugmentConfig, seed: int) -> keras.Sequential:
-    """The configured random transforms, in a fixed order (geometry, then erasing)."""
+def build_augmentation(cfg: AugmentConfig, seed: int, image_shape: tuple[int, ...]) -> keras.Sequential:
+    """The data set's random transforms (`data.augment`), in a fixed order (geometry, then erasing)."""
     steps = []
     if cfg.flip:
         steps.append(layers.RandomFlip("horizontal", seed=seed))
+    if cfg.crop_px:  # pad-and-crop: whole-pixel shifts (nearest), the background filled in
+        height, width = image_shape[:2]
+        steps.append(layers.RandomTranslation(cfg.crop_px / height, cfg.crop_px / width, fill_mode="constant",
+                                              interpolation="nearest", seed=seed))
     if cfg.translate:
         steps.append(layers.RandomTranslation(cfg.translate, cfg.translate, fill_mode="constant", seed=seed))
     if cfg.zoom:

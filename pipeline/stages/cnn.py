@@ -16,7 +16,7 @@ from pipeline.outputs import fingerprint
 from pipeline.paths import SPLIT_DIR
 from pipeline.schema import Config
 from pipeline.search_space import trained_values
-from pipeline.training import run_keras_stage
+from pipeline.training import run_keras_stage, tta_enabled
 from pipeline.tuning import tune
 
 
@@ -29,7 +29,7 @@ def run(cfg: Config) -> dict:
 
     best = tune("cnn", cfg.cnn, build, splits.train, splits.val, cfg.tuner, cfg.seed)
     return run_keras_stage("cnn", lambda seed: build(best), best.train, splits, fingerprint(cfg.seed, best), cfg.seed,
-                           hparams=trained_values("cnn", best))
+                           hparams=trained_values("cnn", best), tta=tta_enabled(cfg))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""cnn_aug: the cnn stage's best architecture trained with augmentation (flip, shift, zoom, rotation,
-erasing), either from scratch or, cheaper, continuing from the cnn stage's trained model (`cnn_aug.init`).
+"""cnn_aug: the cnn stage's best architecture trained with the data set's augmentation (`data.augment`: flip,
+pad-and-crop, shift, zoom, rotation, erasing), either from scratch or, cheaper, continuing from the cnn stage's
+trained model (`cnn_aug.init`).
 
 Reads:  data/split/, models/cnn/ (best_hparams.json; model.keras for init: cnn); params `seed`, `cnn`,
-        `augment`, `cnn_aug`.
+        `data.augment`, `cnn_aug`, `evaluation`.
 Writes: models/cnn_aug/model.keras, metrics/cnn_aug.json, plots/cnn_aug/.
 """
 
@@ -18,7 +19,7 @@ from pipeline.models.cnn import build_cnn_from
 from pipeline.outputs import fingerprint, load_keras_model, stage_model_file
 from pipeline.paths import SPLIT_DIR
 from pipeline.schema import Config
-from pipeline.training import run_keras_stage
+from pipeline.training import run_keras_stage, tta_enabled
 from pipeline.tuning import apply, read_best, record
 
 
@@ -31,14 +32,15 @@ def run(cfg: Config) -> dict:
     needed_by = "cnn_aug with cnn_aug.init=cnn"
 
     def make_model(seed: int) -> keras.Model:  # afresh for every seed; the augmentation's random stream is the seed's
-        augmentation = build_augmentation(cfg.augment, seed)
+        augmentation = build_augmentation(cfg.data.augment, seed, splits.image_shape)
         if cfg.cnn_aug.init == "cnn":
             return with_augmentation(load_keras_model("cnn", needed_by)[0], augmentation, name="cnn_aug")
         return build_cnn_from(architecture, splits.image_shape, len(splits.classes), augmentation)
 
     start = file_digest(stage_model_file("cnn", needed_by)) if cfg.cnn_aug.init == "cnn" else "scratch"
-    key = fingerprint(cfg.seed, architecture, cfg.augment, cfg.cnn_aug, start)
-    return run_keras_stage("cnn_aug", make_model, cfg.cnn_aug.train, splits, key, cfg.seed, hparams=hparams)
+    key = fingerprint(cfg.seed, architecture, cfg.data.augment, cfg.cnn_aug, start)
+    return run_keras_stage("cnn_aug", make_model, cfg.cnn_aug.train, splits, key, cfg.seed, hparams=hparams,
+                           tta=tta_enabled(cfg))
 
 
 if __name__ == "__main__":

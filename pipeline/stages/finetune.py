@@ -2,7 +2,8 @@
 rate, optionally with augmentation; blocks and learning rate searched with keras-tuner when
 `finetune.search.enabled`.
 
-Reads:  data/split/, models/transfer/; params `seed`, `transfer.backbone`, `augment`, `finetune`, `tuner`.
+Reads:  data/split/, models/transfer/; params `seed`, `transfer.backbone`, `data.augment`, `finetune`, `tuner`,
+        `evaluation`.
 Writes: models/finetune/{model.keras, best_hparams.json}, metrics/finetune.json, plots/finetune/.
 """
 
@@ -21,7 +22,7 @@ from pipeline.outputs import fingerprint, load_keras_model, stage_model_file
 from pipeline.paths import SPLIT_DIR
 from pipeline.schema import Config
 from pipeline.search_space import trained_values
-from pipeline.training import run_keras_stage
+from pipeline.training import run_keras_stage, tta_enabled
 from pipeline.tuning import tune
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,12 @@ def run(cfg: Config) -> dict:
         log.info("fine-tuning %s of %s", ", ".join(blocks), cfg.transfer.backbone)
         if not section.augment:
             return model
-        return with_augmentation(model, build_augmentation(cfg.augment, seed), name="finetune")
+        return with_augmentation(model, build_augmentation(cfg.data.augment, seed, splits.image_shape), name="finetune")
 
     best = tune("finetune", cfg.finetune, build, splits.train, splits.val, cfg.tuner, cfg.seed)
-    key = fingerprint(cfg.seed, cfg.augment, best, source)
+    key = fingerprint(cfg.seed, cfg.data.augment, best, source)
     return run_keras_stage("finetune", lambda seed: build(best, seed), best.train, splits, key, cfg.seed,
-                           hparams=trained_values("finetune", best))
+                           hparams=trained_values("finetune", best), tta=tta_enabled(cfg))
 
 
 if __name__ == "__main__":
