@@ -86,8 +86,8 @@ class TrainConfig:
     lr: float = setting(gt=0.0, le=1.0)  # the peak, after warm-up
     weight_decay: float = setting(ge=0.0)
     lr_schedule: str = setting(choices=("plateau", "cosine", "constant"))  # cosine: to zero at the last step
-    warmup: float = setting(ge=0.0, lt=1.0)  # fraction of the steps rising linearly from lr/25 (cosine after it:
-    # one-cycle)
+    warmup: float = setting(ge=0.0, lt=1.0)  # with lr_schedule cosine: the fraction of the steps rising linearly
+    # from lr/25 before the cosine (one-cycle); other schedules have none
     label_smoothing: float = setting(ge=0.0, lt=1.0)
     ema: bool = setting()  # evaluate and keep an exponential moving average of the weights (momentum 0.99)
     precision: str = setting(choices=("float32", "mixed_bfloat16"))  # mixed: bfloat16 compute, float32 weights

@@ -1,8 +1,10 @@
-"""The one fit loop of every Keras stage: optimizer and schedule from config, early stopping on the
-validation split, best weights kept, and resume after an interruption.
+"""The one fit loop of every Keras stage: optimizer, schedule, label smoothing, weight averaging and precision from
+config, early stopping on the validation split (when `patience` is set), best weights kept, and resume after an
+interruption.
 
 State lives in the stage's work directory (`models/.work/<stage>/fit/`, outside DVC's outputs, which DVC
-deletes before a stage runs; frozen features and tuner state sit beside it): `BackupAndRestore` saves the
+deletes before a stage runs; frozen features and tuner state sit beside it, and the tuner's stays after a finished
+run): `BackupAndRestore` saves the
 model and optimizer each epoch, `history.csv` grows across resumes, and the best weights so far are
 checkpointed, so a killed run started again continues from its last finished epoch and still ends with the
 best epoch's weights. The state is keyed by a fingerprint of the run's settings and by the digest of the
@@ -242,6 +244,13 @@ def clear_work_dir(work_dir: Path) -> None:
     shutil.rmtree(work_dir, ignore_errors=True)
 
 
+def clear_fit_state(stage: str) -> None:
+    """Once the stage's results are written: forget its fit and frozen features, keep its search (keyed by what
+    defines it, so a run that changes only the final budget reuses the finished trials)."""
+    for name in ("fit", "features"):
+        clear_work_dir(work_dir(stage) / name)
+
+
 def run_keras_stage(stage: str, make_model: Callable[[int], keras.Model], cfg: TrainConfig, splits: Splits,
                     fingerprint: str, seed: int, trunk: keras.Model | None = None,
                     hparams: dict[str, Any] | None = None, tta: bool = False) -> dict:
@@ -254,7 +263,7 @@ def run_keras_stage(stage: str, make_model: Callable[[int], keras.Model], cfg: T
     Epochs are raised to `cfg.min_images` images seen (`budgeted`)."""
     train, val = (splits.train, splits.val) if trunk is None else frozen_features(trunk, splits, stage)
     cfg = budgeted(cfg, len(train[1]))
-    tracking.log_params({"train.epochs_run": cfg.epochs})  # what `min_images` made of `epochs`
+    tracking.log_params({f"{stage}.train.epochs_run": cfg.epochs})  # what `min_images` made of `epochs`
     # keyed by the code too: a run resumed after a code change must not continue the old code's weights
     key = f"{fingerprint}-{code_digest(stage)}"
     if len(cfg.seeds) < 2:
@@ -262,9 +271,9 @@ def run_keras_stage(stage: str, make_model: Callable[[int], keras.Model], cfg: T
         final, spread = train_and_test(stage, make_model, one, cfg, (train, val), splits, trunk, key), None
     else:
         final, spread = train_seeds(stage, make_model, cfg, (train, val), splits, trunk, key)
-    extra = flip_tta(final.model, splits) if tta else {}
+    extra = flip_tta(final.model, splits, final.y_prob) if tta else {}
     metrics = write_outputs(stage, final, splits, hparams, spread, extra)
-    clear_work_dir(work_dir(stage))
+    clear_fit_state(stage)
     log.info("%s: test accuracy %.4f (val %.4f, best epoch %d of %d)", stage, metrics["test"]["accuracy"],
              metrics["val_accuracy"], final.fit.best_epoch + 1, len(final.fit.history))
     return metrics
@@ -368,15 +377,19 @@ def tta_enabled(cfg: Config) -> bool:
     return cfg.evaluation.tta and cfg.data.augment.flip
 
 
-def flip_tta(model: keras.Model, splits: Splits) -> dict[str, float]:
+def flip_tta(model: keras.Model, splits: Splits, y_prob_test: np.ndarray) -> dict[str, float]:
     """Validation and test accuracy with flip test-time augmentation: the mean of the probabilities for each image
-    and its mirror image (as metrics beside the plain ones)."""
+    and its mirror image (as metrics beside the plain ones); `y_prob_test`: the plain test predictions, made once."""
 
-    def accuracy(x: np.ndarray, y: np.ndarray) -> float:
-        probs = model.predict(x, batch_size=512, verbose=0) + model.predict(x[:, :, ::-1], batch_size=512, verbose=0)
+    def predict(x: np.ndarray) -> np.ndarray:
+        return model.predict(x, batch_size=512, verbose=0)
+
+    def accuracy(probs: np.ndarray, y: np.ndarray) -> float:
         return float(np.mean(np.argmax(probs, axis=1) == y))
 
-    return {"val_accuracy_tta": accuracy(*splits.val), "test_accuracy_tta": accuracy(*splits.test)}
+    (x_val, y_val), (x_test, y_test) = splits.val, splits.test
+    return {"val_accuracy_tta": accuracy(predict(x_val) + predict(x_val[:, :, ::-1]), y_val),
+            "test_accuracy_tta": accuracy(y_prob_test + predict(x_test[:, :, ::-1]), y_test)}
 
 
 def write_outputs(stage: str, final: Final, splits: Splits, hparams: dict[str, Any] | None,

@@ -112,12 +112,15 @@ def _search(stage, section, params, build, train, val, tuner_cfg, seed) -> dict[
         def build(self, hp):
             candidate = apply(section, define(hp, params))
             with precision(candidate.train):
-                model = build(candidate)
-            compile_model(model, candidate.train, len(y))
-            return model
+                return build(candidate)
 
         def fit(self, hp, model, x, y, validation_data, **kwargs):
+            """Compiled here, for the epochs this round trains: a Hyperband round that continues a promoted trial's
+            weights gets a whole schedule of its own (warm-up, then cosine to zero), so every score is read at the
+            end of an annealed schedule."""
             candidate, n_classes = apply(section, define(hp, params)), model.output_shape[-1]
+            rounds = dataclasses.replace(candidate.train, epochs=kwargs["epochs"] - kwargs.get("initial_epoch", 0))
+            compile_model(model, rounds, len(y))
             return model.fit(*one_hot((x, y), n_classes), validation_data=one_hot(validation_data, n_classes),
                              batch_size=candidate.train.batch_size, **kwargs)
 
@@ -152,8 +155,8 @@ def _search(stage, section, params, build, train, val, tuner_cfg, seed) -> dict[
 
 
 def trial_budget(section: Any, tuner_cfg: TunerConfig) -> Any:
-    """The section as a trial trains it: the tuner's epochs (its schedule spans them) and none of the final fit's
-    budget, so that the search, and its saved state, do not depend on the final fit's epochs, patience or seeds."""
+    """The section as a trial trains it: the tuner's epochs and patience and none of the final fit's budget, so that
+    the search, and its saved state, do not depend on the final fit's epochs, `min_images`, patience or seeds."""
     train = dataclasses.replace(section.train, epochs=tuner_cfg.epochs, min_images=None, patience=tuner_cfg.patience,
                                 seeds=[])
     return dataclasses.replace(section, train=train)
@@ -205,7 +208,7 @@ def _trials_table(tuner, params: list[Param], direction: str) -> list[dict[str, 
         hp = trial.hyperparameters
         lines = (trial.message or "").strip().splitlines()
         row = {"trial": trial.trial_id, "status": str(trial.status), "score": trial.score,
-               "message": lines[-1] if lines else ""}
+               "epochs": hp.values.get("tuner/epochs", ""), "message": lines[-1] if lines else ""}
         row.update({p.name: hp.values[p.name] if p.name in hp.values and hp.is_active(p.name) else ""
                     for p in params})
         rows.append(row)
@@ -218,13 +221,13 @@ def _write_trials(stage: str, rows: list[dict[str, Any]], params: list[Param], o
     """models/<stage>/search/trials.csv (sorted best first), importance.csv (`pipeline.importance`) and trials.png, a
     panel per hyperparameter of score against value beside the importance; all logged to the stage run, with the
     importance shares as metrics and how far to trust them as a tag."""
-    importance = hyperparameter_importance(rows, params, direction, seed)
+    importance = hyperparameter_importance(last_rounds(rows, params), params, direction, seed)
     log.info("%s: hyperparameter importance %s (%s)", stage,
              {k: round(v, 3) for k, v in importance["share"].items()}, importance["note"])
     out = model_dir(stage) / "search"
     with atomic_path(out, directory=True) as tmp:
         with (tmp / "trials.csv").open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["trial", "score", "status", *[p.name for p in params]],
+            writer = csv.DictWriter(fh, fieldnames=["trial", "score", "status", "epochs", *[p.name for p in params]],
                                     extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
@@ -232,6 +235,18 @@ def _write_trials(stage: str, rows: list[dict[str, Any]], params: list[Param], o
         _plot_trials(tmp / "trials.png", rows, params, objective, importance)
     tracking.log_artifacts(out, "search")
     tracking.log_importance(importance["share"], importance["note"])
+
+
+def last_rounds(rows: list[dict[str, Any]], params: list[Param]) -> list[dict[str, Any]]:
+    """One row per candidate: Hyperband trains a promoted candidate again as a new trial with more epochs, and only
+    its last round's score says what the candidate reached (the importance would otherwise count it more than once,
+    at different budgets). Other tuners' rows are returned as they are."""
+    last: dict[tuple, dict[str, Any]] = {}
+    for row in rows:
+        candidate = tuple(str(row[p.name]) for p in params)
+        if candidate not in last or (row["epochs"] or 0) > (last[candidate]["epochs"] or 0):
+            last[candidate] = row
+    return list(last.values()) if any(row["epochs"] != "" for row in rows) else rows
 
 
 def _write_importance(path: Path, importance: dict[str, Any]) -> None:

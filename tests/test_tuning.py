@@ -23,7 +23,7 @@ from pipeline.models.cnn import build_cnn_from
 from pipeline.paths import SPLIT_DIR, WORK_DIR, model_dir
 from pipeline.search_space import parse_space, tunable_names
 from pipeline.stages import cnn, cnn_aug
-from pipeline.tuning import _search_key, define, tune
+from pipeline.tuning import _search_key, define, last_rounds, tune
 from tests.conftest import append, load_config
 from tests.test_model_stages import SMALL_CNN, split_data_overrides
 
@@ -182,19 +182,26 @@ def test_a_change_of_the_stages_code_starts_a_fresh_search(code_copy):
 
 def test_a_change_of_the_final_budget_only_keeps_the_finished_search(split_data):
     base = (*split_data_overrides(split_data), *SEARCHED_CNN)
-    splits = load_splits(SPLIT_DIR)
 
     def search(*overrides: str) -> dict[str, float]:
-        cfg = load_config(*base, *overrides)
-        tune("cnn", cfg.cnn, lambda c: build_cnn_from(c, splits.image_shape, 10), splits.train, splits.val,
-             cfg.tuner, cfg.seed)
+        cnn.run(load_config(*base, "cnn.train.epochs=1", *overrides))  # the whole stage: search, fit, clean-up
         return {str(p.relative_to(WORK_DIR)): p.stat().st_mtime_ns
                 for p in (WORK_DIR / "cnn" / "search").glob("*/trial_*/trial.json")}
 
     trials = search()
     assert len(trials) == 2
     # the final fit's epochs, images, patience and seeds: the same search, not one trial run again
-    assert search("cnn.train.epochs=7", "cnn.train.min_images=5000", "cnn.train.patience=2",
+    assert search("cnn.train.epochs=2", "cnn.train.min_images=600", "cnn.train.patience=2",
                   "cnn.train.seeds=[1,2]") == trials
     changed = search("cnn.train.label_smoothing=0.0")  # what a trial trains with: a fresh search
     assert changed.keys().isdisjoint(trials)
+
+
+def test_importance_counts_each_hyperband_candidate_once_at_its_last_round():
+    params = parse_space({"lr": {"float": [1e-3, 1e-2]}}, "cnn.search.space", ["lr"])
+    rows = [{"trial": "0", "score": 0.5, "epochs": 1, "lr": 0.001},
+            {"trial": "1", "score": 0.6, "epochs": 1, "lr": 0.002},
+            {"trial": "2", "score": 0.8, "epochs": 2, "lr": 0.002}]  # trial 2: candidate 1 promoted
+    assert [r["trial"] for r in last_rounds(rows, params)] == ["0", "2"]
+    random_rows = [{**r, "epochs": ""} for r in rows]
+    assert last_rounds(random_rows, params) == random_rows  # other tuners: every trial is a candidate

@@ -15,9 +15,9 @@ def build_cnn(input_shape: tuple[int, ...], n_classes: int, *, arch: str, blocks
               augmentation: keras.Layer | None = None) -> keras.Model:
     """`blocks` stages, filters doubling per stage, each halving the resolution.
 
-    plain:  convs [+ batch norm] + ReLU, max pool, dropout; flatten, dense, dropout, softmax.
+    plain:  convs [+ batch norm] + ReLU, max pool, dropout; flatten, [dense,] dropout, softmax.
     resnet: a stem conv (half the first width) at full resolution, then residual blocks whose first conv is strided
-            (a strided 1x1 conv on the shortcut); global average pooling, dropout, [dense,] softmax. Fewer
+            (a strided 1x1 conv on the shortcut); global average pooling, [dense,] dropout, softmax. Fewer
             multiply-adds per image than the plain net at the same widths, and no large flatten layer."""
     inputs = keras.Input(shape=input_shape, dtype="uint8", name="image")
     x = augmentation(inputs) if augmentation is not None else inputs  # on 0-255 values, in training only
@@ -35,7 +35,7 @@ def build_cnn(input_shape: tuple[int, ...], n_classes: int, *, arch: str, blocks
         width = filters * 2**block
         if arch == "resnet":
             shortcut = conv(x, width, strides=2, kernel=1, relu=False)
-            y = conv(x, width, strides=2)
+            y = conv(x, width, strides=2, relu=convs_per_block > 1)  # the branch's last conv: no ReLU before the sum
             for i in range(1, convs_per_block):
                 y = conv(y, width, relu=i < convs_per_block - 1)
             x = layers.Activation("relu")(layers.Add()([shortcut, y]))

@@ -1,7 +1,9 @@
-"""cnn: a convolutional network, its architecture and learning rate searched with keras-tuner (when
-`cnn.search.enabled`), then trained on the full training split.
+"""cnn: a convolutional network (a small residual net by default), the settings of its `search.space` (learning rate,
+weight decay, label smoothing, dropout, width) searched with keras-tuner when `cnn.search.enabled`, then trained on the
+full training split with the recipe of `cnn.train`.
 
-Reads:  data/split/; params `seed`, `cnn` (architecture, `train` budget, `search` space), `tuner`.
+Reads:  data/split/; params `seed`, `cnn` (architecture, `train` recipe and budget, `search` space), `tuner`,
+        `data.augment.flip` and `evaluation` (flip test-time augmentation).
 Writes: models/cnn/{model.keras, best_hparams.json, search/}, metrics/cnn.json, plots/cnn/.
 """
 

@@ -1,7 +1,8 @@
 """transfer: a pretrained backbone, frozen and cut at a layer, with a new head trained on its features
 (computed once); the head's settings searched with keras-tuner when `transfer.search.enabled`.
 
-Reads:  data/split/; params `seed`, `transfer` (backbone, weights, image size, cut, head, budget, search), `tuner`.
+Reads:  data/split/; params `seed`, `transfer` (backbone, weights, image size, cut, head, budget, search), `tuner`,
+        `data.augment.flip` and `evaluation`.
 Writes: models/transfer/{model.keras (trunk + head, on raw images), best_hparams.json}, metrics/transfer.json,
         plots/transfer/.
 """

@@ -1,0 +1,33 @@
+"""Each lever of the cnn recipe, measured: the hand-set cnn (search off) trained as the pipeline trains it, once
+with the defaults and once per lever turned back (one override each), on the repository's data/split (run
+`dvc repro split` first). Choices are read on the validation split; the test accuracy is printed as the stage
+writes it, never used to choose. Prints a markdown table for docs/decisions.md.
+
+    python bench/levers.py                                        # the default levers, about 4 min each on 2 cores
+    python bench/levers.py cnn.train.ema=true "cnn.arch=plain cnn.dense_units=128"   # one run per argument
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from run_pipeline import hand_set_cnn
+
+LEVERS = ("cnn.train.label_smoothing=0.0", "cnn.train.warmup=0.0", "cnn.train.ema=true")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="*", default=LEVERS,
+                        help="one run per argument, its overrides separated by spaces (default: %(default)s)")
+    args = parser.parse_args()
+    rows = [("defaults", hand_set_cnn())] + [(run, hand_set_cnn(*run.split())) for run in args.runs]
+    print("| run | val accuracy | with flip TTA | test accuracy | fit s | epochs |\n|---|---|---|---|---|---|")
+    for name, m in rows:
+        tta = m.get("val_accuracy_tta")
+        print(f"| {name} | {m['val_accuracy']:.4f} | {'' if tta is None else f'{tta:.4f}'} | "
+              f"{m['test']['accuracy']:.4f} | {m['fit_seconds']:.0f} | {m['epochs']} |")
+
+
+if __name__ == "__main__":
+    main()
