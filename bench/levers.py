@@ -1,5 +1,5 @@
 """Each lever of the cnn recipe, measured: the hand-set cnn (search off) trained as the pipeline trains it, once
-with the defaults and once per lever turned back (one override each), on the repository's data/split (run
+with the defaults and once per lever changed (one run per argument), on the repository's data/split (run
 `dvc repro split` first). Choices are read on the validation split; the test accuracy is printed as the stage
 writes it, never used to choose. Prints a markdown table for docs/decisions.md.
 

@@ -5,7 +5,7 @@ docs/benchmarks.md for people and docs/benchmarks.json for machines, from one di
 the reference's seconds in the same run (docs/decisions.md).
 
     python bench/run_pipeline.py                 # about an hour on 2 CPU cores
-    python bench/run_pipeline.py --skip-extras   # only the reference and the pipeline
+    python bench/run_pipeline.py --skip-extras   # only the reference, the pipeline and a no-op repro
 
 It reruns every stage (`dvc repro --force`), so the repository's metrics/ and dvc.lock then hold this run:
 commit them with docs/benchmarks.md and docs/benchmarks.json.
@@ -249,7 +249,7 @@ def write_outputs(results: dict[str, Any], markdown: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--skip-extras", action="store_true", help="only the reference and the pipeline")
+    parser.add_argument("--skip-extras", action="store_true", help="only the reference, the pipeline and a no-op repro")
     parser.add_argument("--out", type=Path, default=REPO / "docs/benchmarks.md", help="and .json beside it")
     args = parser.parse_args()
     reference = run_reference()
