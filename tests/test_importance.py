@@ -30,9 +30,9 @@ def trials(n: int, score, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
-        row = {"trial": f"{i:02d}", "status": "COMPLETED", "message": "", "lr": float(10 ** rng.uniform(-4, -2)),
-               "filters": int(rng.choice(FILTERS.values)), "optimizer": str(rng.choice(OPTIMIZER.values)),
-               "batch_norm": bool(rng.integers(2))}
+        row = {"trial": f"{i:02d}", "status": "COMPLETED", "message": "", "epochs": "",
+               "lr": float(10 ** rng.uniform(-4, -2)), "filters": int(rng.choice(FILTERS.values)),
+               "optimizer": str(rng.choice(OPTIMIZER.values)), "batch_norm": bool(rng.integers(2))}
         row["dropout"] = "" if row["batch_norm"] else float(rng.uniform(0.1, 0.5))
         row["score"] = score(row) + float(rng.normal(0, 0.002))
         rows.append(row)

@@ -82,7 +82,7 @@ def test_each_seed_is_a_child_run_and_the_stage_run_holds_their_spread(split_dat
     # the stage's outputs are the first seed's model: its accuracies, and the weights of a model trained with seed 3
     assert (metrics["val_accuracy"], metrics["test"]["accuracy"]) == (val[0], test[0])
     first = saved_weights()
-    assert not (WORK_DIR / "cnn").exists()
+    assert not (WORK_DIR / "cnn" / "fit").exists()
 
     alone = config(split_data, store, "seed=3")  # `seeds: []`: one fit with the global seed, as before seeds existed
     with tracking.stage_run("cnn", alone) as alone_id:
@@ -143,4 +143,4 @@ def test_a_killed_multi_seed_run_does_not_fit_finished_seeds_again(split_data, s
     assert resumed["seeds"]["values"] == uninterrupted["seeds"]["values"] == [3, 5]
     for split in ("val_accuracy", "test_accuracy"):
         assert resumed["seeds"][split]["per_seed"][0] == uninterrupted["seeds"][split]["per_seed"][0]
-    assert not (WORK_DIR / "cnn").exists()
+    assert not (WORK_DIR / "cnn" / "fit").exists()
