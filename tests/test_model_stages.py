@@ -49,6 +49,7 @@ def test_keras_stages(split_data, stage):
     check_keras_stage(name, stage.run(cfg))
 
 
+@pytest.mark.slow  # two cnn stage runs
 def test_flip_tta_is_logged_beside_the_plain_metrics_where_the_data_set_allows_flips(split_data):
     overrides = (*split_data_overrides(split_data), *SMALL_CNN, "cnn.train.epochs=1")
     metrics = cnn.run(load_config(*overrides))

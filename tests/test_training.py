@@ -80,7 +80,7 @@ def test_state_of_other_settings_is_not_resumed(setup):
     assert len(result.history) == 4
 
 
-@pytest.mark.parametrize("ema", [False, True])
+@pytest.mark.parametrize("ema", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_best_epoch_weights_are_kept(setup, ema):
     """With `ema` the validation scores the averaged weights, and those are the ones kept."""
     cfg, splits, work = setup

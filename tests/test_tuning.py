@@ -181,6 +181,7 @@ def test_a_change_of_the_stages_code_starts_a_fresh_search(code_copy):
     assert key() != before
 
 
+@pytest.mark.slow  # 50 s: three stage runs with a search each
 def test_a_change_of_the_final_budget_only_keeps_the_finished_search(split_data):
     base = (*split_data_overrides(split_data), *SEARCHED_CNN)
 
