@@ -77,14 +77,22 @@ def no_op_seconds() -> float:
     return sh("dvc", "repro")
 
 
-def hand_set_cnn(*overrides: str) -> dict[str, Any]:
-    """The cnn stage with its search off (and `overrides`), trained as the pipeline trains it on this repository's
-    data/split, in a scratch directory: its metrics and the stage's seconds."""
+def stage_alone(stage: str, *overrides: str) -> dict[str, Any]:
+    """One stage run with `overrides` in a scratch directory that sees this repository's params.yaml, data/ and the
+    models its dvc.yaml entry reads (cnn_aug: models/cnn), as the pipeline runs it: its metrics and seconds."""
+    deps = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["deps"]
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "data").symlink_to(REPO / "data")
-        seconds = sh(sys.executable, "-m", "pipeline.stages.cnn", "cnn.search.enabled=false", *overrides,
+        for path in ["params.yaml", "data", *(d for d in deps if isinstance(d, str) and d.startswith("models/"))]:
+            (Path(tmp) / path).parent.mkdir(parents=True, exist_ok=True)
+            (Path(tmp) / path).symlink_to(REPO / path)
+        seconds = sh(sys.executable, "-m", f"pipeline.stages.{stage}", *overrides,
                      cwd=Path(tmp), env={"PYTHONPATH": str(REPO)})
-        return {**json.loads((Path(tmp) / "metrics/cnn.json").read_text()), "stage_seconds": round(seconds, 1)}
+        return {**json.loads((Path(tmp) / f"metrics/{stage}.json").read_text()), "stage_seconds": round(seconds, 1)}
+
+
+def hand_set_cnn(*overrides: str) -> dict[str, Any]:
+    """The cnn stage with its search off (and `overrides`), trained as the pipeline trains it."""
+    return stage_alone("cnn", "cnn.search.enabled=false", *overrides)
 
 
 def default_cnn() -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -18,8 +19,11 @@ def atomic_path(dest: Path, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary file (or directory) beside `dest`; move it onto `dest` only if the block succeeds."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    # keep the destination's suffix: some writers (Model.save, DVC's dumpers) choose the format by it
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=dest.suffix or ".tmp", dir=dest.parent))
+    remove_orphans(dest)
+    # keep the destination's suffixes: some writers choose the format by them (Model.save, DVC's dumpers) or insist
+    # on them (Model.save_weights: `.weights.h5`)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{os.getpid()}.", suffix="".join(dest.suffixes) or ".tmp",
+                                dir=dest.parent))
     if directory:
         umask = os.umask(0)
         os.umask(umask)
@@ -41,6 +45,24 @@ def atomic_path(dest: Path, directory: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+
+
+def remove_orphans(dest: Path) -> None:
+    """Remove the temporary files of `dest` left by a process killed while writing it (named after its pid)."""
+    for orphan in dest.parent.glob(f".{glob.escape(dest.name)}.*"):
+        pid = orphan.name[len(dest.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(orphan) if orphan.is_dir() else orphan.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -4,11 +4,11 @@ interruption.
 
 State lives in the stage's work directory (`models/.work/<stage>/fit/`, outside DVC's outputs, which DVC
 deletes before a stage runs; frozen features and tuner state sit beside it, and the tuner's stays after a finished
-run): `BackupAndRestore` saves the
-model and optimizer each epoch, `history.csv` grows across resumes, and the best weights so far are
-checkpointed, so a killed run started again continues from its last finished epoch and still ends with the
-best epoch's weights. The state is keyed by a fingerprint of the run's settings and by the digest of the
-stage's code (`pipeline.deps`): other settings, or changed code, start afresh.
+run): each epoch commits the model and optimizer, the history, the best weights so far and the early-stopping
+and plateau counters as one state (`pipeline.fit_state`), so a run killed at any instant and started again
+continues from its last committed epoch as an uninterrupted run would, and ends with the best epoch's weights.
+The state is keyed by a fingerprint of the run's settings and by the digest of the stage's code
+(`pipeline.deps`): other settings, or changed code, start afresh.
 
 With two or more `train.seeds` the final model is trained once per seed, each fit a child MLflow run of the stage's
 run with its own state in `fit/seed-<s>/`; a seed that finished leaves its results and weights there, so a killed
@@ -19,7 +19,6 @@ best on the test split); its metrics add the seeds' mean and std.
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import hashlib
 import json
@@ -41,6 +40,7 @@ from pipeline.data.split import Arrays, Splits
 from pipeline.deps import code_digest
 from pipeline.evaluation import evaluate
 from pipeline.files import atomic_path, write_json
+from pipeline.fit_state import CommitEpoch, SaveTrainingState, counted, read_state, restore, save_weights
 from pipeline.gradcam import write_gradcam
 from pipeline.outputs import predict_timed, save_keras_model, write_stage_outputs
 from pipeline.paths import work_dir
@@ -152,40 +152,38 @@ class TrackEpochs(keras.callbacks.Callback):
 
 def fit(model: keras.Model, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
         cfg: TrainConfig, work_dir: Path, fingerprint: str) -> FitResult:
-    """Train a compiled model; resume from `work_dir` if an earlier run with the same fingerprint was cut short."""
+    """Train a compiled model; resume from `work_dir` if an earlier run with the same fingerprint was cut short (its
+    last committed epoch: `pipeline.fit_state`). Ends with the best epoch's weights."""
     open_work_dir(work_dir, fingerprint)
-    history_csv, best_weights = work_dir / "history.csv", work_dir / "best.weights.h5"
-    previous = read_history(history_csv)
-    best_so_far = max((row[MONITOR] for row in previous), default=None)
-    if previous:
-        log.info("resuming after epoch %d (best %s so far %.4f)", len(previous), MONITOR, best_so_far)
-    replay(previous)
-    callbacks = [
-        _LogLearningRate(),
-        TrackEpochs(),
-        keras.callbacks.BackupAndRestore(str(work_dir / "backup")),
-        keras.callbacks.CSVLogger(str(history_csv), append=True),
-        keras.callbacks.ModelCheckpoint(str(best_weights), monitor=MONITOR, mode="max", save_best_only=True,
-                                        save_weights_only=True, initial_value_threshold=best_so_far),
-    ]
-    if cfg.ema:  # validation scores the averaged weights; the checkpoint after it keeps them, the backup before not
-        callbacks.insert(4, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
+    state = read_state(work_dir)
+    if state.history:
+        log.info("resuming after epoch %d (best %s so far %.4f)", len(state.history), MONITOR,
+                 state.history[state.best_epoch][MONITOR])
+    restore(model, work_dir, state)
+    replay(state.history)
+    schedule = []
     if cfg.patience is not None:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.patience))
+        schedule.append(keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.patience))
     if cfg.lr_schedule == "plateau":
-        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=MONITOR, mode="max", factor=0.5,
-                                                           patience=max(1, (cfg.patience or 2) // 2),
-                                                           min_lr=cfg.lr / 64))
+        schedule.append(keras.callbacks.ReduceLROnPlateau(monitor=MONITOR, mode="max", factor=0.5,
+                                                          patience=max(1, (cfg.patience or 2) // 2),
+                                                          min_lr=cfg.lr / 64))
+    # the order matters: the learning rate is read before a plateau lowers it, the training state saved after, the
+    # averaged weights (ema: what validation scored) swapped in before the best weights are saved and committed
+    commit = CommitEpoch(work_dir, state, MONITOR, counted(schedule))
+    callbacks = [_LogLearningRate(), TrackEpochs(), *schedule, SaveTrainingState(work_dir),
+                 *([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if cfg.ema else []), commit]
     n_classes = model.output_shape[-1]
     start = time.perf_counter()
-    model.fit(*one_hot(train, n_classes), validation_data=one_hot(val, n_classes), epochs=cfg.epochs,
-              batch_size=cfg.batch_size, shuffle=True, callbacks=callbacks, verbose=progress())
+    if not state.stopped:
+        model.fit(*one_hot(train, n_classes), validation_data=one_hot(val, n_classes), epochs=cfg.epochs,
+                  initial_epoch=len(state.history), batch_size=cfg.batch_size, shuffle=True, callbacks=callbacks,
+                  verbose=progress())
     seconds = time.perf_counter() - start
-    if best_weights.exists():
-        model.load_weights(best_weights)
-    history = read_history(history_csv)
-    best_epoch = int(np.argmax([row[MONITOR] for row in history])) if history else -1
-    return FitResult(history=history, fit_seconds=seconds, best_epoch=best_epoch)
+    state = commit.state
+    if state.best is not None:
+        model.load_weights(work_dir / state.best)
+    return FitResult(history=state.history, fit_seconds=seconds, best_epoch=state.best_epoch)
 
 
 def replay(history: list[dict[str, float]]) -> None:
@@ -231,14 +229,6 @@ def frozen_features(trunk: keras.Model, splits: Splits, stage: str) -> tuple[Arr
     return out[0], out[1]
 
 
-def read_history(path: Path) -> list[dict[str, float]]:
-    """The per-epoch rows a CSVLogger wrote; empty if none."""
-    if not path.is_file():
-        return []
-    with path.open(newline="") as fh:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
-
-
 def clear_work_dir(work_dir: Path) -> None:
     """Forget an earlier run's state, once its results are written."""
     shutil.rmtree(work_dir, ignore_errors=True)
@@ -252,14 +242,15 @@ def clear_fit_state(stage: str) -> None:
 
 
 def run_keras_stage(stage: str, make_model: Callable[[int], keras.Model], cfg: TrainConfig, splits: Splits,
-                    fingerprint: str, seed: int, trunk: keras.Model | None = None,
-                    hparams: dict[str, Any] | None = None, tta: bool = False) -> dict:
+                    fingerprint: str, run: Config, trunk: keras.Model | None = None,
+                    hparams: dict[str, Any] | None = None) -> dict:
     """Build, compile, fit (resumably), evaluate once on the test split, write the stage's outputs and model.
 
-    `make_model(s)` builds a fresh uncompiled model after `keras.utils.set_random_seed(s)`, for `s` the global `seed`,
+    `make_model(s)` builds a fresh uncompiled model after `keras.utils.set_random_seed(s)`, for `s` the run's `seed`,
     or each of `cfg.seeds` (its own seeded layers, such as augmentation, take `s` too). With a frozen `trunk`, the
     model is a head trained on the trunk's features (computed once), and the model evaluated and saved is
-    trunk + head, on images. `tta`: also score the final model with flip test-time augmentation (`flip_tta`).
+    trunk + head, on images. Where `tta_enabled(run)`, the final model is also scored with flip test-time
+    augmentation (`flip_tta`).
     Epochs are raised to `cfg.min_images` images seen (`budgeted`)."""
     train, val = (splits.train, splits.val) if trunk is None else frozen_features(trunk, splits, stage)
     cfg = budgeted(cfg, len(train[1]))
@@ -267,11 +258,11 @@ def run_keras_stage(stage: str, make_model: Callable[[int], keras.Model], cfg: T
     # keyed by the code too: a run resumed after a code change must not continue the old code's weights
     key = f"{fingerprint}-{code_digest(stage)}"
     if len(cfg.seeds) < 2:
-        one = cfg.seeds[0] if cfg.seeds else seed
+        one = cfg.seeds[0] if cfg.seeds else run.seed
         final, spread = train_and_test(stage, make_model, one, cfg, (train, val), splits, trunk, key), None
     else:
         final, spread = train_seeds(stage, make_model, cfg, (train, val), splits, trunk, key)
-    extra = flip_tta(final.model, splits, final.y_prob) if tta else {}
+    extra = flip_tta(final.model, splits, final.y_prob) if tta_enabled(run) else {}
     metrics = write_outputs(stage, final, splits, hparams, spread, extra)
     clear_fit_state(stage)
     log.info("%s: test accuracy %.4f (val %.4f, best epoch %d of %d)", stage, metrics["test"]["accuracy"],
@@ -318,7 +309,7 @@ def train_seeds(stage: str, make_model: Callable[[int], keras.Model], cfg: Train
                 record = finish_seed(directory, seed, final, splits.test[1])
             else:
                 log.info("%s: seed %d was fitted by an earlier run: not fitted again", stage, seed)
-                replay(read_history(directory / "history.csv"))
+                replay(read_state(directory).history)
                 final = reload_seed(stage, make_model, cfg, record, directory, splits, trunk) if first is None else None
             tracking.log_seed_result(record.val_accuracy, record.test_accuracy)
         log.info("%s: seed %d: val accuracy %.4f, test accuracy %.4f", stage, seed, record.val_accuracy,
@@ -336,7 +327,7 @@ def train_seeds(stage: str, make_model: Callable[[int], keras.Model], cfg: Train
 def finish_seed(directory: Path, seed: int, final: Final, y_test: np.ndarray) -> SeedRecord:
     """Keep a fitted seed's weights and results in its work dir (the results last: they mark the seed done)."""
     weights = "final.weights.h5"
-    final.fitted.save_weights(directory / weights)
+    save_weights(final.fitted, directory / weights)
     record = SeedRecord(seed=seed, val_accuracy=final.fit.val_accuracy,
                         test_accuracy=evaluate(y_test, final.y_prob)["accuracy"], best_epoch=final.fit.best_epoch,
                         fit_seconds=final.fit.fit_seconds, weights=weights)
@@ -358,7 +349,7 @@ def reload_seed(stage: str, make_model: Callable[[int], keras.Model], cfg: Train
     with precision(cfg):
         model = make_model(record.seed)
     model.load_weights(directory / record.weights)
-    history = read_history(directory / "history.csv")
+    history = read_state(directory).history
     return tested(stage, model, FitResult(history, record.fit_seconds, record.best_epoch), splits, trunk)
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from pipeline import config
+from pipeline.data.download import SOURCES_FILE, SUMS_FILE, read_sums
 from pipeline.data.idx import write_idx
 from pipeline.schema import Config
 
@@ -47,6 +48,13 @@ class IdxData:
         """Hydra overrides that point the real Fashion-MNIST config at this data."""
         sums = [f"data.files.{key}.sha256={digest}" for key, digest in self.sha256.items()]
         return [f"data.source={self.directory}", "data.mirrors=[]", *sums, *extra]
+
+
+def assert_complete(raw: Path, sha256: dict[str, str]) -> None:
+    sums = read_sums(raw / SUMS_FILE)
+    for key, digest in sha256.items():
+        assert sums[IDX_NAMES[key]] == digest
+    assert sorted(p.name for p in raw.iterdir()) == sorted([*IDX_NAMES.values(), SUMS_FILE, SOURCES_FILE])
 
 
 def write_idx_dataset(directory: Path, n_train: int = 300, n_test: int = 100, gz: bool = True,

@@ -6,24 +6,16 @@ import gzip
 import hashlib
 import logging
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pipeline.data.download import SOURCES_FILE, SUMS_FILE, fetch_files, read_sums
+from pipeline.data.download import fetch_files
 from pipeline.data.split import load_split
 from pipeline.errors import DataError
 from pipeline.paths import SPLIT_DIR
 from pipeline.stages import download, split
-from tests.conftest import IDX_NAMES, IdxData, load_config, write_idx_dataset
-
-
-def assert_complete(raw: Path, sha256: dict[str, str]) -> None:
-    sums = read_sums(raw / SUMS_FILE)
-    for key, digest in sha256.items():
-        assert sums[IDX_NAMES[key]] == digest
-    assert sorted(p.name for p in raw.iterdir()) == sorted([*IDX_NAMES.values(), SUMS_FILE, SOURCES_FILE])
+from tests.conftest import IDX_NAMES, IdxData, assert_complete, load_config, write_idx_dataset
 
 
 def md5_only(data: IdxData, *extra: str) -> list[str]:

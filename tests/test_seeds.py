@@ -117,7 +117,7 @@ def test_a_killed_multi_seed_run_does_not_fit_finished_seeds_again(split_data, s
             return with_callbacks(build_cnn_from(cfg.cnn, splits.image_shape, len(splits.classes)), counter, *extra)
 
         with tracking.stage_run("cnn", cfg) as run_id:
-            return run_id, run_keras_stage("cnn", build, cfg.cnn.train, splits, "settings", cfg.seed)
+            return run_id, run_keras_stage("cnn", build, cfg.cnn.train, splits, "settings", cfg)
 
     with pytest.raises(Interrupt):
         run(kill_seed=5)  # seed 3 finished, seed 5 dies after its first epoch

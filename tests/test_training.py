@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import keras
 import numpy as np
 import pytest
 
 from pipeline.data.split import load_splits
+from pipeline.fit_state import read_state
 from pipeline.models.cnn import build_cnn_from
 from pipeline.paths import SPLIT_DIR, work_dir
 from pipeline.training import (
@@ -15,7 +18,6 @@ from pipeline.training import (
     fit,
     frozen_features,
     one_hot,
-    read_history,
     run_keras_stage,
 )
 from tests.conftest import append, load_config
@@ -63,7 +65,7 @@ def test_interrupted_fit_resumes_from_the_last_finished_epoch(setup):
     with pytest.raises(Interrupt):
         fit(with_callbacks(make_model(cfg, splits), StopAfter(2)), splits.train, splits.val, cfg.cnn.train, work,
             fingerprint="a")
-    assert len(read_history(work / "history.csv")) == 2
+    assert len(read_state(work).history) == 2
 
     epochs_run = []
     counter = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: epochs_run.append(epoch))
@@ -94,6 +96,73 @@ def test_best_epoch_weights_are_kept(setup, ema):
     assert all(np.isfinite(row["learning_rate"]) for row in result.history)
 
 
+class ScrambleBeforeValidation(keras.callbacks.Callback):
+    """Replaces the weights with noise before each validation: every epoch of this fit scores near chance."""
+
+    def on_test_begin(self, logs=None):
+        rng = np.random.default_rng(0)
+        for variable in self.model.trainable_variables:
+            variable.assign(rng.normal(0, 1, variable.shape).astype(variable.dtype))
+
+
+def test_a_resumed_fit_keeps_the_best_weights_of_the_epochs_before_the_kill(setup):
+    """The last epochs are forced to be the worst, so only weights saved before the interruption can score best."""
+    _, splits, work = setup
+    cfg = load_config("cnn.filters=8", "cnn.blocks=2", "cnn.train.epochs=7", "cnn.train.batch_size=32",
+                      "cnn.train.lr=1e-2", "cnn.train.lr_schedule=constant", "cnn.train.warmup=0",
+                      "cnn.search.enabled=false")
+    with pytest.raises(Interrupt):
+        fit(with_callbacks(make_model(cfg, splits), StopAfter(5)), splits.train, splits.val, cfg.cnn.train, work,
+            fingerprint="a")
+    best_before = max(row["val_accuracy"] for row in read_state(work).history)
+    model = with_callbacks(make_model(cfg, splits), ScrambleBeforeValidation())
+    result = fit(model, splits.train, splits.val, cfg.cnn.train, work, fingerprint="a")
+    last_two = [row["val_accuracy"] for row in result.history[5:]]
+    assert max(last_two) < best_before - 0.2  # the condition this test guards: the last epochs are not the best
+    assert result.best_epoch < 5 and result.history[result.best_epoch]["val_accuracy"] == best_before
+    _, accuracy = model.evaluate(*one_hot(splits.val, len(splits.classes)), verbose=0)
+    assert accuracy == pytest.approx(best_before, abs=1e-6)
+
+
+def test_a_resumed_fit_continues_the_early_stopping_and_plateau_counters(setup):
+    """A learning rate too small to change any prediction makes every epoch after the first a plateau: early stopping
+    (patience 2) ends an uninterrupted fit after epoch 3, the plateau halves the rate after epoch 2. A fit killed
+    after epoch 2 must end the same way; with counters restarted it would train five epochs."""
+    cfg, splits, work = setup
+    cfg = load_config("cnn.filters=4", "cnn.blocks=1", "cnn.batch_norm=false", "cnn.train.epochs=8",
+                      "cnn.train.patience=2", "cnn.train.lr_schedule=plateau", "cnn.train.lr=1e-9",
+                      "cnn.train.weight_decay=0", "cnn.train.warmup=0", "cnn.search.enabled=false")
+
+    def run(directory, *callbacks):
+        return fit(with_callbacks(make_model(cfg, splits), *callbacks), splits.train, splits.val, cfg.cnn.train,
+                   directory, fingerprint="a")
+
+    uninterrupted = run(work / "uninterrupted")
+    with pytest.raises(Interrupt):
+        run(work / "resumed", StopAfter(2))
+    resumed = run(work / "resumed")
+    assert len({row["val_accuracy"] for row in uninterrupted.history}) == 1  # the guarded condition: a plateau
+    assert len(uninterrupted.history) == len(resumed.history) == 3
+    rates = [[row["learning_rate"] for row in r.history] for r in (uninterrupted, resumed)]
+    assert rates[0] == rates[1] and rates[0][2] == pytest.approx(rates[0][0] / 2)
+    assert resumed.best_epoch == uninterrupted.best_epoch == 0
+
+
+def test_a_fit_that_early_stopping_ended_is_not_trained_further(setup):
+    cfg, splits, work = setup
+    cfg.cnn.train.patience = 1
+    state_file = work / "state.json"
+    result = fit(make_model(cfg, splits), splits.train, splits.val, cfg.cnn.train, work, fingerprint="a")
+    state = json.loads(state_file.read_text())
+    state["stopped"] = True  # as if early stopping had ended it after the epochs it trained
+    state_file.write_text(json.dumps(state))
+    epochs_run = []
+    counter = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: epochs_run.append(epoch))
+    again = fit(with_callbacks(make_model(cfg, splits), counter), splits.train, splits.val, cfg.cnn.train, work,
+                fingerprint="a")
+    assert epochs_run == [] and again.history == result.history
+
+
 def test_a_stage_resumes_with_the_same_code_and_starts_afresh_after_a_change(setup, code_copy):
     cfg, splits, _ = setup
     epochs_run = []
@@ -104,7 +173,7 @@ def test_a_stage_resumes_with_the_same_code_and_starts_afresh_after_a_change(set
             return with_callbacks(build_cnn_from(cfg.cnn, splits.image_shape, len(splits.classes)), counter,
                                   *callbacks)
 
-        return run_keras_stage("cnn", build, cfg.cnn.train, splits, "settings", cfg.seed)
+        return run_keras_stage("cnn", build, cfg.cnn.train, splits, "settings", cfg)
 
     with pytest.raises(Interrupt):
         run_stage(StopAfter(2))

@@ -18,7 +18,7 @@ from pipeline.outputs import fingerprint
 from pipeline.paths import SPLIT_DIR
 from pipeline.schema import Config
 from pipeline.search_space import trained_values
-from pipeline.training import run_keras_stage, tta_enabled
+from pipeline.training import run_keras_stage
 from pipeline.tuning import tune
 
 
@@ -30,8 +30,8 @@ def run(cfg: Config) -> dict:
         return build_cnn_from(section, splits.image_shape, len(splits.classes))
 
     best = tune("cnn", cfg.cnn, build, splits.train, splits.val, cfg.tuner, cfg.seed)
-    return run_keras_stage("cnn", lambda seed: build(best), best.train, splits, fingerprint(cfg.seed, best), cfg.seed,
-                           hparams=trained_values("cnn", best), tta=tta_enabled(cfg))
+    return run_keras_stage("cnn", lambda seed: build(best), best.train, splits, fingerprint(cfg.seed, best), cfg,
+                           hparams=trained_values("cnn", best))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pipeline.models.cnn import build_cnn_from
 from pipeline.outputs import fingerprint, load_keras_model, stage_model_file
 from pipeline.paths import SPLIT_DIR
 from pipeline.schema import Config
-from pipeline.training import run_keras_stage, tta_enabled
+from pipeline.training import run_keras_stage
 from pipeline.tuning import apply, read_best, record
 
 
@@ -39,8 +39,7 @@ def run(cfg: Config) -> dict:
 
     start = file_digest(stage_model_file("cnn", needed_by)) if cfg.cnn_aug.init == "cnn" else "scratch"
     key = fingerprint(cfg.seed, architecture, cfg.data.augment, cfg.cnn_aug, start)
-    return run_keras_stage("cnn_aug", make_model, cfg.cnn_aug.train, splits, key, cfg.seed, hparams=hparams,
-                           tta=tta_enabled(cfg))
+    return run_keras_stage("cnn_aug", make_model, cfg.cnn_aug.train, splits, key, cfg, hparams=hparams)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pipeline.outputs import fingerprint, load_keras_model, stage_model_file
 from pipeline.paths import SPLIT_DIR
 from pipeline.schema import Config
 from pipeline.search_space import trained_values
-from pipeline.training import run_keras_stage, tta_enabled
+from pipeline.training import run_keras_stage
 from pipeline.tuning import tune
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,8 @@ def run(cfg: Config) -> dict:
 
     best = tune("finetune", cfg.finetune, build, splits.train, splits.val, cfg.tuner, cfg.seed)
     key = fingerprint(cfg.seed, cfg.data.augment, best, source)
-    return run_keras_stage("finetune", lambda seed: build(best, seed), best.train, splits, key, cfg.seed,
-                           hparams=trained_values("finetune", best), tta=tta_enabled(cfg))
+    return run_keras_stage("finetune", lambda seed: build(best, seed), best.train, splits, key, cfg,
+                           hparams=trained_values("finetune", best))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pipeline.outputs import fingerprint
 from pipeline.paths import SPLIT_DIR
 from pipeline.schema import Config
 from pipeline.search_space import trained_values
-from pipeline.training import frozen_features, run_keras_stage, tta_enabled
+from pipeline.training import frozen_features, run_keras_stage
 from pipeline.tuning import tune
 
 
@@ -33,7 +33,7 @@ def run(cfg: Config) -> dict:
     best = tune("transfer", cfg.transfer, build, *frozen_features(trunk, splits, "transfer"), cfg.tuner, cfg.seed)
     # a fresh head per seed, on the features computed once
     return run_keras_stage("transfer", lambda seed: build(best), best.train, splits, fingerprint(cfg.seed, best),
-                           cfg.seed, trunk=trunk, hparams=trained_values("transfer", best), tta=tta_enabled(cfg))
+                           cfg, trunk=trunk, hparams=trained_values("transfer", best))
 
 
 if __name__ == "__main__":
