@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,8 @@ def validate(raw: Any, source: str = "config") -> Config:
     """Check `raw` (a plain dict) against the schema, its constraints and the cross-field rules."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    for message in _shape_errors(Config, raw, ""):
+        raise ConfigError(f"{source}: {message}")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
         cfg = OmegaConf.to_object(merged)
@@ -107,6 +110,24 @@ def validate(raw: Any, source: str = "config") -> Config:
     for message in _constraint_errors(cfg, "") + _cross_field_errors(cfg):
         raise ConfigError(f"{source}: {message}")
     return cfg
+
+
+def _shape_errors(cls: type, raw: dict, prefix: str) -> list[str]:
+    """A section or a list where the schema has the other kind: OmegaConf's merge names no key for these."""
+    errors, hints = [], typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name not in raw or raw[f.name] is None:
+            continue
+        kind, value, key = hints[f.name], raw[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, dict):
+                errors.append(f"{key} must be a section of keys ({', '.join(g.name for g in dataclasses.fields(kind))})"
+                              f", got {value!r}")
+            else:
+                errors += _shape_errors(kind, value, key + ".")
+        elif typing.get_origin(kind) in (list, dict) and not isinstance(value, typing.get_origin(kind)):
+            errors.append(f"{key} must be a {typing.get_origin(kind).__name__}, got {value!r}")
+    return errors
 
 
 def _allowed_keys(e: ConfigKeyError) -> str:

@@ -23,6 +23,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 import types
 import urllib.request
 import uuid
@@ -92,10 +93,14 @@ def connect(cfg: Config) -> str:
         experiment = mlflow.get_experiment_by_name(name)
         if experiment is None:
             location = artifact_root(uri)
-            with contextlib.suppress(MlflowException):  # a stage running beside this one may make it first
+            try:
                 return mlflow.create_experiment(name, artifact_location=location and Path(location).as_uri(),
                                                 tags=dict([EXPERIMENT_KIND]))
-            experiment = mlflow.get_experiment_by_name(name)
+            except MlflowException as e:  # a stage running beside this one (on a server: no lock) made it first
+                experiment = mlflow.get_experiment_by_name(name)
+                if experiment is None:
+                    raise TrackingError(f"cannot create experiment '{name}' in {uri}: "
+                                        f"{e.message.splitlines()[0]}") from None
     if experiment.lifecycle_stage == "deleted":
         raise TrackingError(f"experiment '{name}' is deleted in {uri}: restore it "
                             f"(mlflow experiments restore) or set tracking.experiment")
@@ -374,11 +379,31 @@ def logged_test_digest(run: mlflow.entities.Run) -> str | None:
 
 
 def log_epoch(logs: dict[str, float], epoch: int) -> None:
-    """One epoch's train_/val_ loss and accuracy and learning rate, at step `epoch` (1 = the first)."""
+    """One epoch's train_/val_ loss and accuracy and learning rate, at step `epoch` (1 = the first). A store that
+    stays busy beyond the retries costs the epoch's metrics in MLflow (a warning says so), never the fit: the
+    history is in the fit's state and the stage's plots either way."""
     if mlflow.active_run() is None:
         return
     named = {k if k.startswith("val_") or k == "learning_rate" else f"train_{k}": float(v) for k, v in logs.items()}
-    mlflow.log_metrics(named, step=epoch)
+    try:
+        retry_busy(lambda: mlflow.log_metrics(named, step=epoch))
+    except MlflowException as e:
+        log.warning("epoch %d's metrics not logged to MLflow (%s); the fit goes on", epoch, e.message.splitlines()[0])
+
+
+def retry_busy(write, attempts: int = 6, first_wait_s: float = 1.0):
+    """`write()`, tried again with doubling waits while the store answers "temporarily unavailable" (SQLite: another
+    process holds the database lock beyond MLflow's own 20 s busy timeout, as under `dvc queue start -j 2`)."""
+    for attempt in range(attempts):
+        try:
+            return write()
+        except MlflowException as e:
+            if e.error_code != "TEMPORARILY_UNAVAILABLE" or attempt == attempts - 1:
+                raise
+            wait = first_wait_s * 2**attempt
+            log.warning("tracking store busy (%s): trying again in %.0f s", e.message.splitlines()[0][:120], wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
 
 
 def log_results(metrics: dict[str, Any], per_class: dict[str, dict[str, float]], plots: Path) -> None:
@@ -590,7 +615,7 @@ def _git(*args: str) -> str | None:
 def log_params(values: dict[str, Any]) -> None:
     """Params the stage knows only once it runs (such as the epochs its budget came to), on the active run."""
     if mlflow.active_run() is not None:
-        mlflow.log_params(values)
+        retry_busy(lambda: mlflow.log_params(values))
 
 
 def log_trained_params(values: dict[str, Any], source: str) -> None:

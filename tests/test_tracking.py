@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import sys
+import threading
 
 import mlflow
 import numpy as np
@@ -145,3 +147,25 @@ def test_the_stage_name_and_dvc_processes():
 
 def test_tracking_errors_are_pipeline_errors():
     assert issubclass(tracking.TrackingError, PipelineError)
+
+
+@pytest.mark.slow
+def test_a_locked_store_is_retried_and_the_epoch_lands(split_data, store, caplog):
+    """Another process's write transaction holds the SQLite lock past MLflow's 20 s busy timeout (as a sibling
+    queued experiment can): the epoch's metrics are retried with back-off, not lost, and the fit is not ended."""
+    cfg = tracked(split_data, store)
+    tracking.connect(cfg)
+    database = store.removeprefix("sqlite:///")
+    with mlflow.start_run() as run:
+        holder = sqlite3.connect(database, check_same_thread=False)
+        holder.execute("BEGIN EXCLUSIVE")
+        release = threading.Timer(22, holder.commit)
+        release.start()
+        try:
+            tracking.log_epoch({"loss": 0.5, "val_accuracy": 0.75}, 1)
+        finally:
+            release.join()
+            holder.close()
+    assert "tracking store busy" in caplog.text  # the lock was really met, and waited out
+    history = MlflowClient(store).get_metric_history(run.info.run_id, "val_accuracy")
+    assert [(m.step, m.value) for m in history] == [(1, 0.75)]

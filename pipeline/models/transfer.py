@@ -102,6 +102,11 @@ def load_hed_weights(vgg16: keras.Model, path: Path | None = None) -> None:
         raise DataError(f"{path}: no weights for {sorted(set(convs) - filled)}")
 
 
+def _fetch_failed(e: Exception) -> bool:
+    """Whether building a backbone failed to download its weights (and not, say, on its input shape)."""
+    return isinstance(e, OSError) or str(e).startswith("URL fetch failure")
+
+
 def build_trunk(cfg: TransferConfig, input_shape: tuple[int, ...]) -> keras.Model:
     """Raw images to the backbone's feature map at layer `cfg.cut` (its last layer when null), pretrained."""
     spec = BACKBONES[cfg.backbone]  # weights=hed with another backbone is rejected by pipeline.config
@@ -111,7 +116,7 @@ def build_trunk(cfg: TransferConfig, input_shape: tuple[int, ...]) -> keras.Mode
         backbone = constructor(include_top=False, input_shape=shape,
                                weights="imagenet" if cfg.weights == "imagenet" else None)
     except Exception as e:  # keras.utils.get_file raises a bare Exception when the URL fails
-        if cfg.weights != "imagenet":
+        if cfg.weights != "imagenet" or not _fetch_failed(e):
             raise
         raise ConfigError(f"transfer.weights=imagenet: could not get the {spec.build} ImageNet weights ({e}); "
                           "this machine may be offline: put the file in ~/.keras/models/, or use "
