@@ -33,11 +33,15 @@ browser: ## install Chromium and ChromeDriver (Debian packages) for the UI's bro
 repro: setup data-package ## set up, then run the whole pipeline (dvc repro, default profile)
 	dvc repro
 
+# pytest-xdist: a worker per core (at most 4); the suite waits on process start-ups, stores and servers as much as
+# it computes, so two workers on two cores nearly halve it
+PYTEST := pytest -n auto --maxprocesses 4
+
 test: setup browser ## set up, then run every test, the slow end-to-end ones included
-	pytest
+	$(PYTEST)
 
 test-fast: setup ## the tests without the slow end-to-end runs
-	pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 ui: setup ## the MLflow UI on the project's store: http://127.0.0.1:5000 (loopback; conf/tracking)
 	python -m pipeline.ui

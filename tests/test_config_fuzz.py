@@ -116,6 +116,7 @@ def test_a_misspelt_key_is_named_with_its_allowed_siblings(key):
     assert "allowed: " in message and key.rsplit(".", 1)[-1] in message, message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override", ["cnn.train.lr=fast", "cnn.train.lr=-1", "+cnn.train.lrr=0.1"])
 def test_a_stage_stops_with_exit_2_and_one_line_before_any_work(override, tmp_path):
     result = subprocess.run([sys.executable, "-m", "pipeline.stages.cnn", "profile=smoke", override], cwd=tmp_path,

@@ -43,6 +43,7 @@ def finished(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_a_download_killed_mid_file_leaves_no_partial_file_and_resumes(idx_data, workdir):
     result = stage("download", *idx_data.overrides(), kill_at=("pipeline.data.download:_verify", 2))
     assert killed(result)
@@ -54,6 +55,7 @@ def test_a_download_killed_mid_file_leaves_no_partial_file_and_resumes(idx_data,
     assert_complete(raw, idx_data.sha256)  # every file verified, and nothing else there (no temporary file)
 
 
+@pytest.mark.slow
 def test_a_split_killed_while_writing_leaves_the_old_split_and_reruns_to_the_same_arrays(idx_data, split_data):
     before = load_splits(SPLIT_DIR)
     assert killed(stage("split", *idx_data.overrides(), "data.val_size=0.2", kill_at=("numpy:save", 3)))

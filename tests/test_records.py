@@ -143,7 +143,12 @@ def statuses(store: str) -> dict[str, str]:
 def test_a_stopped_stage_ends_its_runs_killed(split_data, store, workdir, signum, code):
     process = start_and_wait_for_a_trial(stage_command(split_data, store), store, workdir)
     process.send_signal(signum)
-    output, _ = process.communicate(timeout=60)
+    try:
+        output, _ = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+        pytest.fail(f"still running 60 s after signal {signum}; its output ends:\n{output[-6000:]}")
     assert process.returncode == code, output
     assert statuses(store) == {"execution": "KILLED", "stage": "KILLED", "trial": "KILLED"}
     assert "Traceback" not in output
