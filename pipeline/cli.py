@@ -22,6 +22,9 @@ def stage_main(run: Callable[[Config], Any]) -> None:
     logging.basicConfig(level=os.environ.get("PIPELINE_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     signal.signal(signal.SIGTERM, _terminate)
+    # Python installs its Ctrl-C handler only where SIGINT is not ignored, and a shell without job control starts
+    # `cmd &` with SIGINT ignored (CI scripts, `nohup ... &`): then `kill -INT` did nothing and a stage trained on
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         cfg = config.load(overrides=sys.argv[1:])
         with tracking.stage_run(stage_name(run), cfg):

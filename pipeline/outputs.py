@@ -115,4 +115,10 @@ def load_keras_model(stage: str, needed_by: str):
     import keras  # here, so that the scikit-learn stage does not pay for importing Keras
 
     path = stage_model_file(stage, needed_by)
-    return keras.saving.load_model(path, safe_mode=True), file_digest(path)
+    try:
+        return keras.saving.load_model(path, safe_mode=True), file_digest(path)
+    except ValueError as e:
+        if "safe_mode" not in str(e):
+            raise
+        raise DataError(f"{path}: refused: it holds Python code (a Lambda layer's function) that Keras safe mode does "
+                        f"not run; the pipeline's models never do, so rebuild it: dvc repro --force {stage}") from None

@@ -36,7 +36,11 @@ def run(cwd: Path, *args: str) -> str:
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
-    """A git + DVC repository holding this project's pipeline and a tiny data set config of its own."""
+    return make_repo(tmp_path)
+
+
+def make_repo(tmp_path: Path) -> Path:
+    """A git + DVC repository holding this project's pipeline and a tiny data set config of its own (`data=tiny`)."""
     root = tmp_path / "repo"
     for name in COPIED:
         src, dest = REPO / name, root / name

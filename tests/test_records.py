@@ -115,9 +115,10 @@ def stage_command(split_data, store: str, *extra: str) -> list[str]:
 
 
 def start_and_wait_for_a_trial(command: list[str], store: str, workdir) -> subprocess.Popen:
+    """Started with SIGINT ignored, as a shell without job control starts `cmd &` (CI scripts, `nohup ... &`)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), tracking.EXECUTION_ID_ENV: "a-stage-run-by-hand"}
     process = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+                               text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     deadline = time.monotonic() + 120
     while not _running_trial(store):
         assert process.poll() is None, process.stdout.read()

@@ -33,6 +33,22 @@ def start_queue(root: Path, log: Path) -> None:
                        check=True)
 
 
+def run_queue(root: Path, log: Path, timeout_s: float = 600) -> None:
+    """Run the queued experiments two at a time, wait for all of them, stop the workers; none may fail."""
+    start_queue(root, log)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while any(word in run(root, "dvc", "queue", "status") for word in ("Queued", "Running")):
+            assert time.monotonic() < deadline, run(root, "dvc", "queue", "status")
+            time.sleep(5)
+    finally:
+        run(root, "dvc", "queue", "stop")
+        deadline = time.monotonic() + 60
+        while "0 active, 0 idle" not in run(root, "dvc", "queue", "status") and time.monotonic() < deadline:
+            time.sleep(2)
+    assert "Failed" not in run(root, "dvc", "queue", "status"), log.read_text()[-3000:]
+
+
 def exp_results(root: Path) -> dict[str, tuple[float, str]]:
     """{experiment name: (baseline test accuracy, MLflow run id)} as `dvc exp show` has them."""
     shown = json.loads(run(root, "dvc", "exp", "show", "--json"))
@@ -62,18 +78,7 @@ def test_runs_from_the_workspace_and_from_queued_experiments_reach_the_main_stor
 
     # a 2-point sweep (DVC's grid syntax), queued, then run two at a time
     run(root, "dvc", "exp", "run", "--queue", *SMALL, "-S", "baseline.C=0.2,0.3", "baseline")
-    start_queue(root, tmp_path / "queue.log")
-    try:
-        deadline = time.monotonic() + 600
-        while any(word in run(root, "dvc", "queue", "status") for word in ("Queued", "Running")):
-            assert time.monotonic() < deadline, run(root, "dvc", "queue", "status")
-            time.sleep(5)
-    finally:
-        run(root, "dvc", "queue", "stop")
-        deadline = time.monotonic() + 60
-        while "0 active, 0 idle" not in run(root, "dvc", "queue", "status") and time.monotonic() < deadline:
-            time.sleep(2)
-    assert "Failed" not in run(root, "dvc", "queue", "status")
+    run_queue(root, tmp_path / "queue.log")
 
     baseline_runs = stage_runs(root, "baseline")  # the queued ones ran in temporary workspaces: DVC_ROOT
     assert baseline_runs[0].info.run_id == first["baseline"][0].info.run_id

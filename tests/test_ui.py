@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 
+import psutil
 import pytest
 
 from tests.test_report import two_stages  # noqa: F401 (a fixture)
@@ -96,3 +97,6 @@ def test_the_ui_lists_the_stage_runs_and_compares_two(ui, browser, tmp_path):
     text = wait_for_text(browser, "Comparing 2 Runs", "test_accuracy", "best_val_accuracy")
     browser.save_screenshot(str(tmp_path / "compare.png"))
     assert ids["baseline"] in text and ids["cnn"] in text and "Artifacts" in text
+    port = int(url.rsplit(":", 1)[1])
+    listening = {c.laddr.ip for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port}
+    assert listening == {"127.0.0.1"}  # the default binds loopback only: no one else on the network sees the runs

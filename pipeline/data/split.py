@@ -30,6 +30,9 @@ Arrays = tuple[np.ndarray, np.ndarray]
 
 def make_splits(data: DataConfig, raw: Path, seed: int) -> tuple[dict[str, Arrays], list[str]]:
     """Split the raw data into train, val and test arrays; also return the class names."""
+    needed = [raw / IMAGES_DIR] if data.format == "image_folder" else [raw / s.name for s in data.files.values()]
+    if missing := [path for path in needed if not path.exists()]:
+        raise DataError(f"{missing[0]} not found: the download stage fetches it (dvc repro download)")
     if data.format == "idx":
         pool, test, classes = _idx_arrays(data, raw)
     else:
