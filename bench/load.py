@@ -36,7 +36,7 @@ def load(root: Path, log: Path) -> dict:
     start = time.perf_counter()
     run_queue(root, log, timeout_s=1800)
     seconds = time.perf_counter() - start
-    runs = stage_runs(root, "cnn")
+    runs = [r for r in stage_runs(root, "cnn") if r.data.tags.get("pipeline.kind") == "stage"]
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
