@@ -165,3 +165,23 @@ def check_records(root: Path) -> None:
     printed = run(root, sys.executable, "-m", "pipeline.compare", "cnn", "cnn_aug")
     assert "McNemar exact test" in printed and (root / "compare" / "flipped.csv").is_file()
 
+
+
+def test_a_remote_round_trip_makes_repro_a_no_op_in_a_fresh_clone(repo, tmp_path):
+    """`dvc push` to a remote (a local directory here; S3 and others in the README), then a fresh `git clone` +
+    `dvc pull` has every output DVC tracks, and `dvc repro` runs nothing."""
+    run(repo, "dvc", "exp", "run", *SMALL, "baseline")
+    remote = tmp_path / "remote"
+    run(repo, "dvc", "remote", "add", "--default", "team", str(remote))
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-q", "-m", "baseline on tiny data, and the team's remote")
+    assert "pushed" in run(repo, "dvc", "push")
+
+    clone = tmp_path / "clone"
+    run(tmp_path, "git", "clone", "-q", str(repo), str(clone))
+    assert not (clone / "data/split").exists()
+    run(clone, "dvc", "pull", "--with-deps", "baseline")  # the stage and those before it: all this test ran
+    assert (clone / "data/split/train/x.npy").read_bytes() == (repo / "data/split/train/x.npy").read_bytes()
+    assert (clone / "models/baseline/model.joblib").is_file()
+    out = run(clone, "dvc", "repro", "baseline")
+    assert "Running stage" not in out and "up to date" in run(clone, "dvc", "status", "baseline")
