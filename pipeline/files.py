@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 
 @contextlib.contextmanager
 def atomic_path(dest: Path, directory: bool = False) -> Iterator[Path]:
@@ -51,18 +53,8 @@ def remove_orphans(dest: Path) -> None:
     """Remove the temporary files of `dest` left by a process killed while writing it (named after its pid)."""
     for orphan in dest.parent.glob(f".{glob.escape(dest.name)}.*"):
         pid = orphan.name[len(dest.name) + 2:].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
             shutil.rmtree(orphan) if orphan.is_dir() else orphan.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def write_json(path: Path, obj: Any) -> None:
