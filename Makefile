@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: help setup data-package browser repro test test-fast ui compare reproduce params lint
+.PHONY: help setup data-package browser postgres repro test test-fast ui server migrate compare reproduce params lint
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -18,17 +18,22 @@ $(VENV)/.synced: pyproject.toml uv.lock
 	uv sync --locked --compile-bytecode  # imports then read .pyc files, also where PYTHONDONTWRITEBYTECODE is set
 	@touch $@
 
-data-package: ## install Fashion-MNIST from the Debian package dataset-fashion-mnist, where apt and root are at hand
-	@if dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then :; \
+# $(call apt_install,DEBIAN PACKAGES,TEST THAT THEY ARE THERE,WHAT HAPPENS WITHOUT THEM): where apt and root are at hand
+define apt_install
+	@if $(2); then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
-	else echo "note: dataset-fashion-mnist not installed (needs apt and root); the download stage tries the official URLs"; fi
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1); \
+	else echo "note: $(1) not installed (needs apt and root); $(3)"; fi
+endef
+
+data-package: ## install Fashion-MNIST from the Debian package dataset-fashion-mnist, where apt and root are at hand
+	$(call apt_install,dataset-fashion-mnist,dpkg -s dataset-fashion-mnist >/dev/null 2>&1,the download stage tries the official URLs)
 
 browser: ## install Chromium and ChromeDriver (Debian packages) for the UI's browser test, where apt and root are at hand
-	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
-	else echo "note: chromium and chromium-driver not installed (needs apt and root); the browser test will fail"; fi
+	$(call apt_install,chromium chromium-driver,command -v chromium >/dev/null && command -v chromedriver >/dev/null,the browser test will fail)
+
+postgres: ## install PostgreSQL (Debian's postgresql) for make server, where apt and root are at hand
+	$(call apt_install,postgresql,ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null,make server and its test will fail)
 
 repro: setup data-package ## set up, then run the whole pipeline (dvc repro, default profile)
 	dvc repro
@@ -37,7 +42,7 @@ repro: setup data-package ## set up, then run the whole pipeline (dvc repro, def
 # it computes, so two workers on two cores nearly halve it
 PYTEST := pytest -n auto --maxprocesses 4
 
-test: setup browser ## set up, then run every test, the slow end-to-end ones included
+test: setup browser postgres ## set up, then run every test, the slow end-to-end ones included
 	$(PYTEST)
 
 test-fast: setup ## the tests without the slow end-to-end runs
@@ -45,6 +50,12 @@ test-fast: setup ## the tests without the slow end-to-end runs
 
 ui: setup ## the MLflow UI on the project's store: http://127.0.0.1:5000 (loopback; conf/tracking)
 	python -m pipeline.ui
+
+server: setup postgres ## a team's MLflow tracking server on PostgreSQL: http://127.0.0.1:5000; stages use it with -S tracking=server
+	python -m pipeline.server $(ARGS)
+
+migrate: setup ## copy the local store's runs into the server: make migrate [TO=<uri>] [FROM=<uri>] [EXPERIMENTS=...]
+	python -m pipeline.migrate $(if $(FROM),--from $(FROM)) $(if $(TO),--to $(TO)) $(EXPERIMENTS)
 
 compare: setup ## two runs side by side: make compare A=cnn B=cnn_aug (run ids or stage names)
 	python -m pipeline.compare $(A) $(B)

@@ -21,10 +21,7 @@ def stage_main(run: Callable[[Config], Any]) -> None:
     exit 2 on bad input; on SIGTERM or SIGINT, end the runs KILLED and exit 143 or 130."""
     logging.basicConfig(level=os.environ.get("PIPELINE_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    signal.signal(signal.SIGTERM, _terminate)
-    # Python installs its Ctrl-C handler only where SIGINT is not ignored, and a shell without job control starts
-    # `cmd &` with SIGINT ignored (CI scripts, `nohup ... &`): then `kill -INT` did nothing and a stage trained on
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    stop_on_signals()
     try:
         cfg = config.load(overrides=sys.argv[1:])
         with tracking.stage_run(stage_name(run), cfg):
@@ -38,6 +35,14 @@ def stage_main(run: Callable[[Config], Any]) -> None:
     except KeyboardInterrupt:
         log.error("interrupted")
         sys.exit(128 + signal.SIGINT)
+
+
+def stop_on_signals() -> None:
+    """SIGTERM raises Terminated and SIGINT KeyboardInterrupt, so that `finally` blocks close what is open."""
+    signal.signal(signal.SIGTERM, _terminate)
+    # Python installs its Ctrl-C handler only where SIGINT is not ignored, and a shell without job control starts
+    # `cmd &` with SIGINT ignored (CI scripts, `nohup ... &`): then `kill -INT` did nothing and a stage trained on
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _terminate(signum, frame) -> None:

@@ -86,7 +86,7 @@ def connect(cfg: Config) -> str:
     """Point MLflow at the configured store; return the id of the data set's experiment, made on first use."""
     uri = store_uri(cfg.tracking)
     if uri.startswith(("http://", "https://")):
-        _check_server(uri)
+        check_server(uri)
     mlflow.set_tracking_uri(uri)
     name = cfg.tracking.experiment or cfg.data.name
     with _store_lock(uri):  # the first query creates a new store's tables
@@ -574,7 +574,7 @@ def _save_keras_model(path: str, **kwargs) -> None:
     mlflow.keras.save_model(path=path, **kwargs)
 
 
-def _check_server(uri: str) -> None:
+def check_server(uri: str) -> None:
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_TIMEOUT_S):
             pass

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import gzip
 import hashlib
 import http.server
+import os
 import shutil
+import signal
+import socket
+import subprocess
 import threading
+import time
+import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,6 +153,37 @@ def file_server():
     server.server_close()
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def http_service(command: list[str], url: str, timeout_s: float = 180,
+                 stop: signal.Signals = signal.SIGTERM) -> Iterator[subprocess.Popen]:
+    """Start a server process in its own session, wait until `url`/health answers, and stop it with `stop` on the
+    way out (the whole session). MLflow's servers take about 30 s to answer on 2 cores."""
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert process.poll() is None, f"{command[2]} stopped:\n{process.stdout.read().decode()}"
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"{url} did not answer within {timeout_s:.0f} s"
+            time.sleep(1)
+        yield process
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, stop)
+        process.wait(timeout=60)
+
+
 @pytest.fixture
 def split_data(idx_data, workdir):
     """A workdir whose data/split/ holds the tiny IDX data set, made by the real download and split stages."""
@@ -170,6 +209,12 @@ def code_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def append(path: Path, text: str) -> None:
     path.write_text(path.read_text() + text)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first: pytest-xdist hands tests out in this order, so the end-to-end runs start at once on every
+    worker and the short tests fill the gaps, instead of one long run ending the suite alone on one worker."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(autouse=True)

@@ -62,6 +62,8 @@ def make_repo(tmp_path: Path) -> Path:
 
 SMALL = ["-S", "data=tiny", "-S", "profile=smoke", "-S", "tuner.max_trials=1"]
 MODEL_STAGES = ("baseline", "cnn", "cnn_aug", "transfer", "finetune")
+# the smoke pipeline where another test already checks that each stage learns: smaller budgets after the cnn
+SMALLER_AFTER_CNN = ["-S", "cnn_aug.train.min_images=1000", "-S", "transfer.train.min_images=3000"]
 
 
 def test_dvc_exp_run_composes_config_and_reruns_only_what_changed(repo):
@@ -135,14 +137,15 @@ def test_dvc_exp_run_composes_config_and_reruns_only_what_changed(repo):
     assert "Traceback" not in failed.stdout + failed.stderr
 
 
-def store(root: Path) -> tuple[MlflowClient, str]:
-    client = MlflowClient(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
+def store(root: Path, uri: str | None = None) -> tuple[MlflowClient, str]:
+    """The client of the repository's local store, or of `uri`, and the tiny data set's experiment."""
+    client = MlflowClient(uri or f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
     return client, client.get_experiment_by_name("tiny").experiment_id
 
 
-def check_records(root: Path) -> None:
+def check_records(root: Path, uri: str | None = None) -> None:
     """After one `dvc exp run` with the search on: one tree, trained params, a champion, nothing RUNNING, compare."""
-    client, experiment = store(root)
+    client, experiment = store(root, uri)
     runs = client.search_runs([experiment], "")
     assert not [r.info.run_name for r in runs if r.info.status != "FINISHED"]
     [execution] = [r for r in runs if r.data.tags["pipeline.kind"] == "execution"]
@@ -189,9 +192,8 @@ def test_a_remote_round_trip_makes_repro_a_no_op_in_a_fresh_clone(repo, tmp_path
 
 def test_the_smoke_pipeline_runs_on_the_jax_backend(repo):
     """KERAS_BACKEND=jax, as on a GPU machine with JAX and no TensorFlow: every stage runs, the logged models say
-    they need JAX, and Grad-CAM draws its maps through JAX's gradients. The smoke profile, with smaller budgets after the cnn."""
-    budgets = ["-S", "cnn_aug.train.min_images=1000", "-S", "transfer.train.min_images=3000"]
-    result = subprocess.run(["dvc", "exp", "run", *SMALL, *budgets], cwd=repo, capture_output=True, text=True,
+    they need JAX, and Grad-CAM draws its maps through JAX's gradients."""
+    result = subprocess.run(["dvc", "exp", "run", *SMALL, *SMALLER_AFTER_CNN], cwd=repo, capture_output=True, text=True,
                             env={**environment(), "KERAS_BACKEND": "jax"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for stage in MODEL_STAGES:

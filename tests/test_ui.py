@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 
 import psutil
 import pytest
 
+from tests.conftest import free_port, http_service
 from tests.test_report import two_stages  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slow
@@ -45,29 +41,11 @@ def browser():
 def ui(two_stages):  # noqa: F811
     """`python -m pipeline.ui` on the two runs' store, on a free loopback port; its URL once it answers."""
     cfg, ids = two_stages
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "pipeline.ui", f"tracking.uri={cfg.tracking.uri}",
-                               f"tracking.ui_port={port}"], start_new_session=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180  # MLflow's UI takes about 30 s to answer on 2 cores
-        while True:
-            assert server.poll() is None, f"the UI stopped:\n{server.stdout.read().decode()}"
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the UI did not answer within 180 s"
-            time.sleep(1)
+    with http_service([sys.executable, "-m", "pipeline.ui", f"tracking.uri={cfg.tracking.uri}",
+                       f"tracking.ui_port={port}"], url):
         yield url, ids
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
 
 
 def wait_for_text(driver, *texts: str, timeout: float = 90) -> str:

@@ -1,0 +1,191 @@
+"""`make server`: a real MLflow tracking server on a real PostgreSQL cluster, on loopback; the smoke pipeline and a
+queued sweep send every run there."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from pipeline import migrate, server
+from tests.conftest import REPO, free_port, http_service
+from tests.test_pipeline_e2e import SMALL, SMALLER_AFTER_CNN, check_records, repo, run  # noqa: F401 (repo: a fixture)
+from tests.test_tracking_e2e import run_queue
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Server:
+    uri: str
+    root: Path  # its cluster and artifacts
+
+    @property
+    def overrides(self) -> list[str]:
+        return ["-S", "tracking=server", "-S", f"tracking.uri={self.uri}"]
+
+
+def serve(root: Path, port: int, stop: signal.Signals = signal.SIGINT):
+    """`python -m pipeline.server` on `port`, its state in `root`; stopped by Ctrl-C, as at a terminal."""
+    uri = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "pipeline.server", f"tracking.uri={uri}", "--dir", str(root), "--workers", "1"]
+    return http_service(command, uri, stop=stop)
+
+
+def reachable_dir(tmp_path_factory) -> Path:
+    """A directory PostgreSQL's system user can reach where the tests run as root (pytest's temporary
+    directories are private to their owner)."""
+    root = tmp_path_factory.mktemp("server")
+    if os.geteuid() == 0:
+        for parent in [root, *root.parents][:-1]:
+            parent.chmod(parent.stat().st_mode | 0o011)  # others may pass through, not list
+    return root
+
+
+@pytest.fixture
+def tracking_server(tmp_path_factory) -> Server:
+    root = reachable_dir(tmp_path_factory)
+    port = free_port()
+    with serve(root, port):
+        yield Server(f"http://127.0.0.1:{port}", root)
+
+
+def test_the_smoke_pipeline_and_a_queued_sweep_land_on_the_server(repo, tmp_path, tracking_server):  # noqa: F811
+    run(repo, "dvc", "exp", "run", *SMALL, *SMALLER_AFTER_CNN, *tracking_server.overrides)
+    assert not (repo / "mlruns" / "mlflow.db").exists()  # nothing went to a local store
+    check_records(repo, tracking_server.uri)  # one tree, trained params, a champion, compare
+
+    client = MlflowClient(tracking_server.uri)
+    experiment = client.get_experiment_by_name("tiny").experiment_id
+    [cnn] = client.search_runs([experiment], "tags.`pipeline.kind` = 'stage' and tags.`pipeline.stage` = 'cnn'")
+    history = client.get_metric_history(cnn.info.run_id, "val_accuracy")
+    assert len(history) >= 2 and [m.step for m in history] == sorted(m.step for m in history)
+    assert {"analysis", "config.yaml"} <= {a.path for a in client.list_artifacts(cnn.info.run_id)}
+    assert list((tracking_server.root / "artifacts").rglob("MLmodel"))  # the server keeps the artifacts
+
+    mlflow.set_tracking_uri(tracking_server.uri)  # the champion loads from the server, as any client would load it
+    champion = mlflow.pyfunc.load_model("models:/tiny@champion")
+    example = np.zeros((2, 28, 28, 1), dtype=np.float32)
+    assert np.asarray(champion.predict(example)).shape[0] == 2
+
+    run(repo, "dvc", "exp", "run", "--queue", *SMALL, *tracking_server.overrides, "-S", "baseline.C=0.2,0.3",
+        "baseline")
+    run_queue(repo, tmp_path / "queue.log")
+    baseline = client.search_runs([experiment], "tags.`pipeline.stage` = 'baseline' and tags.`pipeline.kind` = 'stage'")
+    assert sorted(r.data.params["baseline.C"] for r in baseline)[:2] == ["0.2", "0.3"]
+    assert len(baseline) == 3 and all(r.info.status == "FINISHED" for r in baseline)
+    assert all(client.get_metric_history(r.info.run_id, "test_accuracy") for r in baseline)
+
+    # the server's store moves, too (into a SQLite store here): every run, model and alias, and the same predictions
+    copy = f"sqlite:///{tmp_path / 'copy' / 'mlflow.db'}"
+    assert migrate.main(["--from", tracking_server.uri, "--to", copy]) == 0
+    assert_same_store(tracking_server.uri, copy)
+    assert np.array_equal(predictions(copy, "models:/tiny@champion", example),
+                          predictions(tracking_server.uri, "models:/tiny@champion", example))
+
+
+def test_a_local_store_moves_to_the_server_once_even_when_the_copy_is_killed(repo, tracking_server):  # noqa: F811
+    run(repo, "dvc", "exp", "run", *SMALL, "baseline")
+    local = f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
+    client = MlflowClient(local)  # a champion, as the report stage registers one
+    [stage] = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
+                                 "tags.`pipeline.stage` = 'baseline' and tags.`pipeline.kind` = 'stage'")
+    [model] = stage.outputs.model_outputs
+    client.create_registered_model("tiny")
+    version = client.create_model_version("tiny", f"models:/{model.model_id}", run_id=stage.info.run_id,
+                                          model_id=model.model_id)
+    client.set_registered_model_alias("tiny", "champion", version.version)
+
+    # killed while it links the baseline's copied model to the copied run: that run is left half-copied
+    migrate_to = ["pipeline.migrate", "--to", tracking_server.uri]
+    killed = subprocess.run([sys.executable, "-m", "tests.killer", "mlflow:MlflowClient.log_outputs", "1",
+                             *migrate_to], cwd=repo, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    # execution, download and split were copied whole; baseline's copy is deleted and made again
+    assert "copied runs: 1, model versions: 1" in run(repo, sys.executable, "-m", *migrate_to)
+    assert_same_store(local, tracking_server.uri)
+    example = np.load(repo / "data/split/test/x.npy")[:5]
+    assert np.array_equal(predictions(local, "models:/tiny@champion", example),
+                          predictions(tracking_server.uri, "models:/tiny@champion", example))
+    assert "copied runs: 0, model versions: 0" in run(repo, sys.executable, "-m", *migrate_to)  # nothing twice
+
+
+def test_the_server_makes_its_database_once_and_survives_a_kill(tmp_path_factory):
+    """First start: initdb. A SIGKILL of the whole server, database included: the next start recovers the
+    database, and the run is there. Ctrl-C then stops the server and its database cleanly."""
+    root = reachable_dir(tmp_path_factory)
+    port = free_port()
+    with serve(root, port, stop=signal.SIGKILL):
+        client = MlflowClient(f"http://127.0.0.1:{port}")
+        run_id = client.create_run(client.create_experiment("kept")).info.run_id
+        client.log_metric(run_id, "loss", 0.5, step=3)
+    assert sorted(p.name for p in root.iterdir()) == ["artifacts", "postgres", "postgres.log"]  # no half-made cluster
+    with serve(root, port) as process:
+        assert [(m.value, m.step) for m in client.get_metric_history(run_id, "loss")] == [(0.5, 3)]
+    assert process.returncode == 0 and not (root / "postgres" / "postmaster.pid").exists()
+
+
+def test_a_server_address_that_is_not_http_is_named_before_anything_starts(tmp_path, capsys):
+    assert server.main(["tracking.uri=sqlite:///x.db", "--dir", str(tmp_path / "s")]) == 2
+    assert "tracking.uri='sqlite:///x.db': make server needs an http://host:port address" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def assert_same_store(source: str, destination: str, experiment: str = "tiny") -> None:
+    """Every run of `source` has a copy in `destination` (`pipeline.copy_of`) with the same name, status, times,
+    params, tags, metric histories, dataset inputs, artifacts and parent; logged models load and predict alike;
+    registered versions and aliases point at the copies."""
+    src, dst = MlflowClient(source), MlflowClient(destination)
+    src_runs = src.search_runs([src.get_experiment_by_name(experiment).experiment_id], "")
+    copies = {r.data.tags[migrate.COPY_OF]: r for r in
+              dst.search_runs([dst.get_experiment_by_name(experiment).experiment_id], "")}
+    assert set(copies) == {r.info.run_id for r in src_runs}
+    copy_ids = {original: copy.info.run_id for original, copy in copies.items()}
+    for original in src_runs:
+        copy = copies[original.info.run_id]
+        assert (copy.info.run_name, copy.info.status, copy.info.start_time, copy.info.end_time) == (
+            original.info.run_name, original.info.status, original.info.start_time, original.info.end_time)
+        assert copy.data.params == original.data.params
+        parent = original.data.tags.get("mlflow.parentRunId")
+        assert copy.data.tags.get("mlflow.parentRunId") == (parent and copy_ids[parent])
+        skip = {"mlflow.parentRunId", migrate.COPY_OF}
+        assert {k: v for k, v in copy.data.tags.items() if k not in skip} == {
+            k: v for k, v in original.data.tags.items() if k not in skip}
+        for key in original.data.metrics:
+            assert [(m.value, m.step, m.timestamp) for m in dst.get_metric_history(copy.info.run_id, key)] == [
+                (m.value, m.step, m.timestamp) for m in src.get_metric_history(original.info.run_id, key)]
+        assert sorted((d.dataset.name, d.dataset.digest) for d in copy.inputs.dataset_inputs) == sorted(
+            (d.dataset.name, d.dataset.digest) for d in original.inputs.dataset_inputs)
+        assert artifact_paths(dst, copy.info.run_id) == artifact_paths(src, original.info.run_id)
+        src_models = [o.model_id for o in original.outputs.model_outputs] if original.outputs else []
+        dst_models = [o.model_id for o in copy.outputs.model_outputs] if copy.outputs else []
+        assert len(dst_models) == len(src_models)
+        for src_model, dst_model in zip(src_models, dst_models, strict=True):
+            assert dst.get_logged_model(dst_model).source_run_id == copy.info.run_id
+            assert dst.get_logged_model(dst_model).params == src.get_logged_model(src_model).params
+    for registered in src.search_registered_models():
+        aliases = dst.get_registered_model(registered.name).aliases
+        for alias, version in registered.aliases.items():
+            run_id = src.get_model_version(registered.name, version).run_id
+            assert dst.get_model_version(registered.name, aliases[alias]).run_id == copy_ids[run_id]
+
+
+def predictions(uri: str, model: str, example: np.ndarray) -> np.ndarray:
+    mlflow.set_tracking_uri(uri)
+    return np.asarray(mlflow.pyfunc.load_model(model).predict(example))
