@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: help setup data-package browser postgres repro test test-fast ui server migrate compare reproduce params lint
+.PHONY: help setup data-package browser postgres repro test test-fast ui server search migrate compare reproduce params lint
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -53,6 +53,9 @@ ui: setup ## the MLflow UI on the project's store: http://127.0.0.1:5000 (loopba
 
 server: setup postgres ## a team's MLflow tracking server on PostgreSQL: http://127.0.0.1:5000; stages use it with -S tracking=server
 	python -m pipeline.server $(ARGS)
+
+search: setup ## the searching stages with WORKERS processes running the trials (keras-tuner chief/workers on loopback): make search WORKERS=2 [STAGE=cnn]
+	dvc exp run -S tuner.workers=$(or $(WORKERS),2) $(STAGE)
 
 migrate: setup ## copy the local store's runs into the server: make migrate [TO=<uri>] [FROM=<uri>] [EXPERIMENTS=...]
 	python -m pipeline.migrate $(if $(FROM),--from $(FROM)) $(if $(TO),--to $(TO)) $(EXPERIMENTS)

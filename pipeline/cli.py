@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from pipeline import config, tracking
+from pipeline import config, search_workers, tracking
 from pipeline.errors import PipelineError, Terminated
 from pipeline.schema import Config
 
@@ -24,7 +24,8 @@ def stage_main(run: Callable[[Config], Any]) -> None:
     stop_on_signals()
     try:
         cfg = config.load(overrides=sys.argv[1:])
-        with tracking.stage_run(stage_name(run), cfg):
+        with (tracking.attached(search_workers.parent_run(), cfg) if search_workers.worker_id()
+              else tracking.stage_run(stage_name(run), cfg)):  # a search worker's trials are its chief's stage's
             run(cfg)
     except PipelineError as e:
         log.error("%s", e)

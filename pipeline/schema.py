@@ -172,6 +172,7 @@ class TunerConfig:
     patience: int = setting(ge=1)  # a trial stops after this many epochs without a better objective
     subset: Optional[int] = setting(ge=10, optional=True)  # training images per trial (stratified); null: all
     hyperband_factor: int = setting(ge=2)
+    workers: int = setting(ge=0)  # processes that run the trials, the stage serving them as chief; 0: the stage itself
 
 
 @dataclass

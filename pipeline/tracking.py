@@ -157,15 +157,33 @@ def seed_run(seed: int, fitted: bool = True) -> Iterator[str | None]:
 
 @contextlib.contextmanager
 def _child_run(name: str, tags: dict[str, str], params: dict[str, Any]) -> Iterator[str | None]:
-    """A run nested in the active stage run, with the stage's tags, `tags` and `params`; nothing without a run."""
-    parent = mlflow.active_run()
+    """A run nested in the active stage run (or the one `attached` to), with the stage's tags, `tags` and `params`,
+    owned by this process; nothing without a run."""
+    parent = mlflow.active_run() or _attached
     if parent is None:
         yield None
         return
-    with _run(experiment_id=parent.info.experiment_id, run_name=name, nested=True,
-              tags={**_inherited_tags(parent), **tags}) as run_id:
+    tags = {**_inherited_tags(parent), PROCESS_TAG: process_key(), "mlflow.parentRunId": parent.info.run_id, **tags}
+    with _run(experiment_id=parent.info.experiment_id, run_name=name, nested=True, tags=tags) as run_id:
         mlflow.log_params(params)
         yield run_id
+
+
+_attached: mlflow.entities.Run | None = None
+
+
+@contextlib.contextmanager
+def attached(run_id: str | None, cfg: Config) -> Iterator[None]:
+    """Nest this process's trial runs in another process's stage run (a search worker's, in its chief's), which
+    stays that process's to end. Without a run id, nothing is logged."""
+    global _attached
+    if run_id:
+        connect(cfg)
+        _attached = mlflow.MlflowClient().get_run(run_id)
+    try:
+        yield
+    finally:
+        _attached = None
 
 
 def _inherited_tags(run: mlflow.entities.Run) -> dict[str, str]:
@@ -286,6 +304,11 @@ def _alive(pid_and_start: str) -> bool:
 def active_run_id() -> str | None:
     run = mlflow.active_run()
     return run.info.run_id if run else None
+
+
+def active_experiment_id() -> str | None:
+    run = mlflow.active_run()
+    return run.info.experiment_id if run else None
 
 
 def run_tags(stage: str, cfg: Config) -> dict[str, str]:

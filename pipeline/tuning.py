@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import tracking
+from pipeline import search_workers, tracking
 from pipeline.data.split import Arrays
 from pipeline.deps import code_digest
 from pipeline.errors import PipelineError
@@ -133,16 +133,19 @@ def _search(stage, section, params, build, train, val, tuner_cfg, seed) -> dict[
     common = dict(hypermodel=HyperModel(), objective=objective, seed=seed, directory=str(directory),
                   project_name=key, overwrite=False, executions_per_trial=tuner_cfg.executions_per_trial,
                   max_consecutive_failed_trials=tuner_cfg.max_trials)
-    if tuner_cfg.kind == "hyperband":
-        tuner = _tracked(keras_tuner.Hyperband)(max_epochs=tuner_cfg.epochs, factor=tuner_cfg.hyperband_factor,
-                                                **common)
-    else:
-        base = keras_tuner.RandomSearch if tuner_cfg.kind == "random" else keras_tuner.BayesianOptimization
-        tuner = _tracked(base)(max_trials=tuner_cfg.max_trials, **common)
-    tuner.search(x, y, validation_data=val, epochs=tuner_cfg.epochs, verbose=progress(), callbacks=[
-        keras.callbacks.EarlyStopping(monitor=tuner_cfg.objective, mode=objective.direction,
-                                      patience=tuner_cfg.patience),
-        TrackEpochs()])
+    with search_workers.chief(stage, tuner_cfg.workers):  # trials in worker processes, if any; the tuner's
+        if tuner_cfg.kind == "hyperband":                  # role is read from the environment as it is made
+            tuner = _tracked(keras_tuner.Hyperband)(max_epochs=tuner_cfg.epochs, factor=tuner_cfg.hyperband_factor,
+                                                    **common)
+        else:
+            base = keras_tuner.RandomSearch if tuner_cfg.kind == "random" else keras_tuner.BayesianOptimization
+            tuner = _tracked(base)(max_trials=tuner_cfg.max_trials, **common)
+        tuner.search(x, y, validation_data=val, epochs=tuner_cfg.epochs, verbose=progress(), callbacks=[
+            keras.callbacks.EarlyStopping(monitor=tuner_cfg.objective, mode=objective.direction,
+                                          patience=tuner_cfg.patience),
+            TrackEpochs()])
+    if search_workers.worker_id():
+        raise SystemExit(0)  # a worker's part ends with the search; the chief trains the final model
     rows = _trials_table(tuner, params, objective.direction)
     if failed := [r for r in rows if r["status"] != "COMPLETED"]:
         raise PipelineError(f"{stage}: {len(failed)} of {len(rows)} tuner trials did not complete (trial "
@@ -195,8 +198,9 @@ def _subset(train: Arrays, size: int | None, seed: int) -> Arrays:
 def _search_key(stage, section, tuner_cfg, seed, *arrays) -> str:
     """A digest of everything that defines a search (the stage's code included), so that changed settings, or
     trials scored by older code, never mix with new trials."""
+    tuner = dataclasses.replace(tuner_cfg, workers=0)  # how many processes run the trials does not define them
     digest = hashlib.sha256(json.dumps([stage, code_digest(stage), dataclasses.asdict(section),
-                                        dataclasses.asdict(tuner_cfg), seed], sort_keys=True, default=str).encode())
+                                        dataclasses.asdict(tuner), seed], sort_keys=True, default=str).encode())
     for a in arrays:
         digest.update(np.ascontiguousarray(a).data)
     return digest.hexdigest()[:16]

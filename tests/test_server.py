@@ -1,8 +1,9 @@
-"""`make server`: a real MLflow tracking server on a real PostgreSQL cluster, on loopback; the smoke pipeline and a
-queued sweep send every run there."""
+"""`make server`: a real MLflow tracking server on a real PostgreSQL cluster, on loopback; the smoke pipeline (on the
+JAX backend) and a queued sweep send every run there; `pipeline.migrate` moves a store into it and out of it."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +18,15 @@ from mlflow import MlflowClient
 
 from pipeline import migrate, server
 from tests.conftest import REPO, free_port, http_service
-from tests.test_pipeline_e2e import SMALL, SMALLER_AFTER_CNN, check_records, repo, run  # noqa: F401 (repo: a fixture)
+from tests.test_pipeline_e2e import (
+    MODEL_STAGES,
+    SMALL,
+    SMALLER_AFTER_CNN,
+    check_records,
+    environment,
+    repo,  # noqa: F401 (a fixture)
+    run,
+)
 from tests.test_tracking_e2e import run_queue
 
 pytestmark = pytest.mark.slow
@@ -58,8 +67,19 @@ def tracking_server(tmp_path_factory) -> Server:
         yield Server(f"http://127.0.0.1:{port}", root)
 
 
-def test_the_smoke_pipeline_and_a_queued_sweep_land_on_the_server(repo, tmp_path, tracking_server):  # noqa: F811
-    run(repo, "dvc", "exp", "run", *SMALL, *SMALLER_AFTER_CNN, *tracking_server.overrides)
+def test_the_smoke_pipeline_on_jax_and_a_queued_sweep_land_on_the_server(repo, tmp_path, tracking_server):  # noqa: F811
+    """Both paths off the default in one smoke run, to keep the suite short. KERAS_BACKEND=jax, as on a GPU machine
+    with JAX and no TensorFlow: every stage runs, the logged models say they need JAX, and Grad-CAM draws its maps
+    through JAX's gradients. Tracked on the server: every run, metric history, artifact and model is there."""
+    result = subprocess.run(["dvc", "exp", "run", *SMALL, *SMALLER_AFTER_CNN, *tracking_server.overrides], cwd=repo,
+                            capture_output=True, text=True, env={**environment(), "KERAS_BACKEND": "jax"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for stage in MODEL_STAGES:
+        assert f"Running stage '{stage}'" in result.stdout + result.stderr
+    assert json.loads((repo / "metrics/cnn.json").read_text())["test"]["accuracy"] >= 0.5
+    assert (repo / "plots/cnn/gradcam.png").is_file() and "Grad-CAM skipped" not in result.stderr
+    requirements = {p.read_text() for p in (tracking_server.root / "artifacts").rglob("requirements.txt")}
+    assert requirements and all("jax==" in r and "tensorflow" not in r for r in requirements if "keras==" in r)
     assert not (repo / "mlruns" / "mlflow.db").exists()  # nothing went to a local store
     check_records(repo, tracking_server.uri)  # one tree, trained params, a champion, compare
 
