@@ -134,6 +134,14 @@ class Copier:
 
     def registry(self) -> int:
         """Copy the versions of registered models whose runs were copied, their tags and aliases; return how many."""
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(self.dst.tracking_uri)  # a SQLite registry finds a version's logged model there
+        try:
+            return self._registry()
+        finally:
+            mlflow.set_tracking_uri(previous)
+
+    def _registry(self) -> int:
         copied = 0
         for registered in _all(self.src.search_registered_models):
             versions = [v for v in _all(self.src.search_model_versions, f"name = '{registered.name}'")

@@ -501,8 +501,8 @@ def register_champion(run_id: str, model_name: str, val_accuracy: float) -> str 
         client.create_registered_model(model_name, description="The best stage of each pipeline execution, chosen "
                                        "on the validation split; alias `champion` marks the best so far.")
     versions = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
-    version = versions[0] if versions else client.create_model_version(
-        model_name, f"models:/{models[-1]}", run_id=run_id, tags={
+    version = versions[0] if versions else client.create_model_version(  # a server insists on the model's id too
+        model_name, f"models:/{models[-1]}", run_id=run_id, model_id=models[-1], tags={
             "val_accuracy": f"{val_accuracy:.6f}", "val_digest": val_digest,
             "stage": run.data.tags.get("pipeline.stage", ""), "pipeline.execution_id": execution_id()})
     try:

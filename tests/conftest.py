@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.request
@@ -163,12 +164,14 @@ def free_port() -> int:
 def http_service(command: list[str], url: str, timeout_s: float = 180,
                  stop: signal.Signals = signal.SIGTERM) -> Iterator[subprocess.Popen]:
     """Start a server process in its own session, wait until `url`/health answers, and stop it with `stop` on the
-    way out (the whole session). MLflow's servers take about 30 s to answer on 2 cores."""
-    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    way out (the whole session). MLflow's servers take about 30 s to answer on 2 cores. Its output goes to a file:
+    a pipe nobody reads fills up with the access log and blocks the server mid-request."""
+    log = tempfile.NamedTemporaryFile(prefix="service-", suffix=".log")
+    process = subprocess.Popen(command, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout_s
         while True:
-            assert process.poll() is None, f"{command[2]} stopped:\n{process.stdout.read().decode()}"
+            assert process.poll() is None, f"{command[2]} stopped:\n{Path(log.name).read_text()[-3000:]}"
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
                     if response.status == 200:
@@ -182,6 +185,7 @@ def http_service(command: list[str], url: str, timeout_s: float = 180,
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, stop)
         process.wait(timeout=60)
+        log.close()
 
 
 @pytest.fixture

@@ -91,16 +91,14 @@ def test_the_smoke_pipeline_on_jax_and_a_queued_sweep_land_on_the_server(repo, t
     assert {"analysis", "config.yaml"} <= {a.path for a in client.list_artifacts(cnn.info.run_id)}
     assert list((tracking_server.root / "artifacts").rglob("MLmodel"))  # the server keeps the artifacts
 
-    mlflow.set_tracking_uri(tracking_server.uri)  # the champion loads from the server, as any client would load it
-    champion = mlflow.pyfunc.load_model("models:/tiny@champion")
-    example = np.zeros((2, 28, 28, 1), dtype=np.float32)
-    assert np.asarray(champion.predict(example)).shape[0] == 2
+    example = np.load(repo / "data/split/test/x.npy")[:5]  # the champion loads from the server, as anywhere
+    assert len(predictions(tracking_server.uri, "models:/tiny@champion", example)) == 5
 
     run(repo, "dvc", "exp", "run", "--queue", *SMALL, *tracking_server.overrides, "-S", "baseline.C=0.2,0.3",
         "baseline")
     run_queue(repo, tmp_path / "queue.log")
     baseline = client.search_runs([experiment], "tags.`pipeline.stage` = 'baseline' and tags.`pipeline.kind` = 'stage'")
-    assert sorted(r.data.params["baseline.C"] for r in baseline)[:2] == ["0.2", "0.3"]
+    assert sorted(r.data.params["baseline.C"] for r in baseline) == ["0.1", "0.2", "0.3"]  # the default, the sweep
     assert len(baseline) == 3 and all(r.info.status == "FINISHED" for r in baseline)
     assert all(client.get_metric_history(r.info.run_id, "test_accuracy") for r in baseline)
 
@@ -115,7 +113,8 @@ def test_the_smoke_pipeline_on_jax_and_a_queued_sweep_land_on_the_server(repo, t
 def test_a_local_store_moves_to_the_server_once_even_when_the_copy_is_killed(repo, tracking_server):  # noqa: F811
     run(repo, "dvc", "exp", "run", *SMALL, "baseline")
     local = f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
-    client = MlflowClient(local)  # a champion, as the report stage registers one
+    mlflow.set_tracking_uri(local)  # a champion, as the report stage registers one
+    client = MlflowClient(local)
     [stage] = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
                                  "tags.`pipeline.stage` = 'baseline' and tags.`pipeline.kind` = 'stage'")
     [model] = stage.outputs.model_outputs
@@ -206,6 +205,10 @@ def assert_same_store(source: str, destination: str, experiment: str = "tiny") -
             assert dst.get_model_version(registered.name, aliases[alias]).run_id == copy_ids[run_id]
 
 
-def predictions(uri: str, model: str, example: np.ndarray) -> np.ndarray:
+def predictions(uri: str, model: str, images: np.ndarray) -> np.ndarray:
+    """What the model of `uri` predicts for `images`, shaped and typed as its signature asks (a Keras model takes
+    images, the baseline flat vectors)."""
     mlflow.set_tracking_uri(uri)
-    return np.asarray(mlflow.pyfunc.load_model(model).predict(example))
+    loaded = mlflow.pyfunc.load_model(model)
+    spec = loaded.metadata.get_input_schema().inputs[0]
+    return np.asarray(loaded.predict(images.reshape(len(images), *spec.shape[1:]).astype(spec.type)))
