@@ -215,12 +215,6 @@ def append(path: Path, text: str) -> None:
     path.write_text(path.read_text() + text)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Slow tests first: pytest-xdist hands tests out in this order, so the end-to-end runs start at once on every
-    worker and the short tests fill the gaps, instead of one long run ending the suite alone on one worker."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     """Every test starts from the same random state."""
