@@ -65,8 +65,11 @@ def chief(stage: str, workers: int) -> Iterator[None]:
         raise
     finally:
         team.stop()
-        for key, value in saved.items():
-            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+        for key, value in saved.items():  # as the chief found them
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 class _Workers:
