@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mlflow import MlflowClient
 
 from pipeline.data.split import load_splits
 from pipeline.files import file_digest
@@ -118,3 +119,10 @@ def test_a_search_killed_mid_trial_retries_that_trial_only(idx_data, split_data)
     best = json.loads(Path("models/cnn/best_hparams.json").read_text())
     assert best["trials"] == 2
     assert json.loads(trials[0].read_text()) == first  # the finished trial was not run again
+    client = MlflowClient(f"sqlite:///{Path.cwd() / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("fashion_mnist").experiment_id],
+                              "tags.`pipeline.kind` = 'trial'")
+    by_status = sorted((r.info.status, r.data.tags["pipeline.trial"]) for r in runs)
+    # each trial trained to its end once; the killed trial's run was closed by the rerun, which trained it again
+    assert [s for s, _ in by_status] == ["FINISHED", "FINISHED", "KILLED"]
+    assert len({name for status, name in by_status if status == "FINISHED"}) == 2

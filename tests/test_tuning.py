@@ -1,15 +1,10 @@
 """keras-tuner searches: spaces from YAML, every validation error, each tuner kind on tiny data, trials as
-nested MLflow runs, resume after a killed search, a fresh search when the space changes."""
+nested MLflow runs, a fresh search when the space changes (a killed search: test_kill.py)."""
 
 from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import keras_tuner
 import numpy as np
@@ -129,35 +124,6 @@ def test_search_disabled_trains_the_configured_values(split_data):
 
 
 @pytest.mark.slow
-def test_a_killed_search_resumes_without_redoing_finished_trials(split_data, tmp_path):
-    store = f"sqlite:///{tmp_path / 'store.db'}"
-    args = [sys.executable, "-m", "pipeline.stages.cnn", "profile=smoke", *split_data_overrides(split_data),
-            *SEARCHED_CNN[:-3], "tuner.max_trials=3", "tuner.epochs=2", "tuner.subset=null",
-            f"tracking.uri={store}"]
-    env = {**os.environ, tracking.EXECUTION_ID_ENV: "killed"}
-    search = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    done_before_kill = []
-    deadline = time.monotonic() + 240
-    while not done_before_kill:
-        assert search.poll() is None and time.monotonic() < deadline, "the search ended before it could be killed"
-        done_before_kill = [p.parent.name for p in (WORK_DIR / "cnn" / "search").glob("*/trial_*/trial.json")
-                            if json.loads(p.read_text())["status"] == "COMPLETED"]
-        time.sleep(0.2)
-    search.send_signal(signal.SIGKILL)
-    search.wait()
-
-    env[tracking.EXECUTION_ID_ENV] = "resumed"
-    subprocess.run(args, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert json.loads((model_dir("cnn") / "best_hparams.json").read_text())["trials"] == 3
-    client = MlflowClient(store)
-    experiment = client.get_experiment_by_name("fashion_mnist").experiment_id
-    resumed = client.search_runs([experiment], "tags.`pipeline.execution_id` = 'resumed' and "
-                                 "tags.`pipeline.trial` != ''")
-    rerun = {r.data.tags["pipeline.trial"] for r in resumed}
-    assert rerun and not rerun & {f"trial {name.removeprefix('trial_')}" for name in done_before_kill}
-
-
-@pytest.mark.slow
 def test_a_changed_space_starts_a_fresh_search(split_data):
     base = (*split_data_overrides(split_data), *SEARCHED_CNN)
     splits = load_splits(SPLIT_DIR)
@@ -181,22 +147,26 @@ def test_a_change_of_the_stages_code_starts_a_fresh_search(code_copy):
     assert key() != before
 
 
-@pytest.mark.slow  # 50 s: three stage runs with a search each
+@pytest.mark.slow  # two stage runs with a search each, then a search
 def test_a_change_of_the_final_budget_only_keeps_the_finished_search(split_data):
-    base = (*split_data_overrides(split_data), *SEARCHED_CNN)
+    base = (*split_data_overrides(split_data), *SEARCHED_CNN, "cnn.train.epochs=1")
 
-    def search(*overrides: str) -> dict[str, float]:
-        cnn.run(load_config(*base, "cnn.train.epochs=1", *overrides))  # the whole stage: search, fit, clean-up
+    def trials() -> dict[str, float]:
         return {str(p.relative_to(WORK_DIR)): p.stat().st_mtime_ns
                 for p in (WORK_DIR / "cnn" / "search").glob("*/trial_*/trial.json")}
 
-    trials = search()
-    assert len(trials) == 2
+    cnn.run(load_config(*base))  # the whole stage: search, fit, clean-up
+    first = trials()
+    assert len(first) == 2
     # the final fit's epochs, images, patience and seeds: the same search, not one trial run again
-    assert search("cnn.train.epochs=2", "cnn.train.min_images=600", "cnn.train.patience=2",
-                  "cnn.train.seeds=[1,2]") == trials
-    changed = search("cnn.train.label_smoothing=0.0")  # what a trial trains with: a fresh search
-    assert changed.keys().isdisjoint(trials)
+    cnn.run(load_config(*base, "cnn.train.epochs=2", "cnn.train.min_images=600", "cnn.train.patience=2",
+                        "cnn.train.seeds=[1,2]"))
+    assert trials() == first
+    cfg = load_config(*base, "cnn.train.label_smoothing=0.0")  # what a trial trains with: a fresh search
+    splits = load_splits(SPLIT_DIR)
+    tune("cnn", cfg.cnn, lambda c: build_cnn_from(c, splits.image_shape, 10), splits.train, splits.val, cfg.tuner,
+         cfg.seed)
+    assert trials() and trials().keys().isdisjoint(first)
 
 
 def test_importance_counts_each_hyperband_candidate_once_at_its_last_round():
