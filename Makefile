@@ -39,8 +39,8 @@ repro: setup data-package ## set up, then run the whole pipeline (dvc repro, def
 	dvc repro
 
 # pytest-xdist: a worker per core (at most 4); the suite waits on process start-ups, stores and servers as much as
-# it computes, so two workers on two cores nearly halve it
-PYTEST := pytest -n auto --maxprocesses 4
+# it computes, so two workers on two cores nearly halve it; the slowest tests are listed at the end
+PYTEST := pytest -n auto --maxprocesses 4 --durations=15
 
 test: setup browser postgres ## set up, then run every test, the slow end-to-end ones included
 	$(PYTEST)

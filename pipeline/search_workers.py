@@ -48,9 +48,7 @@ def chief(stage: str, workers: int) -> Iterator[None]:
     if workers == 0 or worker_id():
         yield
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     oracle = {ORACLE_IP: "127.0.0.1", ORACLE_PORT: str(port)}
     saved = {key: os.environ.get(key) for key in (TUNER_ID, *oracle)}
     os.environ.update({TUNER_ID: "chief", **oracle})
@@ -70,6 +68,13 @@ def chief(stage: str, workers: int) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def free_port() -> int:
+    """A loopback TCP port that no one listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class _Workers:

@@ -10,7 +10,6 @@ import http.server
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -152,12 +151,6 @@ def file_server():
     yield server
     server.shutdown()
     server.server_close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -56,14 +56,24 @@ def test_a_searched_stage_logs_the_values_it_trained_with(split_data, store, tmp
     # ... and `dvc exp show` shows the trained values: they are in the stage's metrics file
     assert metrics["hparams"] == trained == json.loads((METRICS_DIR / "cnn.json").read_text())["hparams"]
 
-    # cnn_aug trains the cnn stage's searched architecture, and says so
-    aug_cfg = load_config(*split_data_overrides(split_data), *SEARCHED_CNN, "cnn_aug.train.epochs=1",
-                          f"tracking.uri={store}")
+    # cnn_aug trains the cnn stage's searched architecture (built from best_hparams.json, not loaded), and says so
+    aug_cfg = load_config(*split_data_overrides(split_data), *SEARCHED_CNN, "cnn_aug.init=scratch",
+                          "cnn_aug.train.epochs=1", f"tracking.uri={store}")
     with tracking.stage_run("cnn_aug", aug_cfg) as aug_id:
-        cnn_aug.run(aug_cfg)
+        aug_metrics = cnn_aug.run(aug_cfg)
+    assert aug_metrics["parameters"] == metrics["parameters"]
+    assert cnn_aug_widest_conv() == trained["cnn.filters"] * 2  # cnn.blocks=2: the second block doubles the first's
     aug = MlflowClient(store).get_run(aug_id)
     assert aug.data.params["cnn.filters"] == str(trained["cnn.filters"])
     assert aug.data.tags["pipeline.params_source"] == "search"
+
+
+def cnn_aug_widest_conv() -> int:
+    """The most filters of a conv layer in the saved cnn_aug model."""
+    import keras
+
+    model = keras.saving.load_model(model_dir("cnn_aug") / "model.keras", safe_mode=True)
+    return max(layer.filters for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
 
 
 def test_without_a_search_the_configured_values_are_logged_as_such(split_data, store):

@@ -17,7 +17,8 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline import migrate, server
-from tests.conftest import REPO, free_port, http_service
+from pipeline.search_workers import free_port
+from tests.conftest import REPO, http_service
 from tests.test_pipeline_e2e import (
     MODEL_STAGES,
     SMALL,

@@ -17,7 +17,7 @@ from pipeline.errors import ConfigError
 from pipeline.models.cnn import build_cnn_from
 from pipeline.paths import SPLIT_DIR, WORK_DIR, model_dir
 from pipeline.search_space import parse_space, tunable_names
-from pipeline.stages import cnn, cnn_aug
+from pipeline.stages import cnn
 from pipeline.tuning import _search_key, define, last_rounds, tune
 from tests.conftest import append, load_config
 from tests.test_model_stages import SMALL_CNN, split_data_overrides
@@ -94,24 +94,6 @@ def test_two_trial_search_logs_nested_runs_and_carries_the_best_forward(split_da
     assert artefacts == {"search/trials.csv", "search/trials.png", "search/importance.csv"}
     candidates = len({(r["filters"], r["lr"]) for r in rows})  # Hyperband: a promoted candidate is counted once
     assert client.get_run(run_id).data.tags["search.importance_note"].startswith(f"too few trials ({candidates})")
-
-
-@pytest.mark.slow
-def test_cnn_aug_builds_on_the_best_architecture(split_data):
-    overrides = (*split_data_overrides(split_data), *SEARCHED_CNN)
-    searched = cnn.run(load_config(*overrides))
-    best = json.loads((model_dir("cnn") / "best_hparams.json").read_text())["values"]
-    aug = cnn_aug.run(load_config(*overrides, "cnn_aug.init=scratch", "cnn_aug.train.epochs=1"))
-    assert aug["parameters"] == searched["parameters"]  # the same architecture, read from best_hparams.json
-    assert cnn_aug_widest_conv() == best["filters"] * 2  # cnn.blocks=2: the second block doubles the first's
-
-
-def cnn_aug_widest_conv() -> int:
-    """The most filters of a conv layer in the saved cnn_aug model."""
-    import keras
-
-    model = keras.saving.load_model(model_dir("cnn_aug") / "model.keras", safe_mode=True)
-    return max(layer.filters for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
 
 
 def test_search_disabled_trains_the_configured_values(split_data):

@@ -9,7 +9,8 @@ import sys
 import psutil
 import pytest
 
-from tests.conftest import free_port, http_service
+from pipeline.search_workers import free_port
+from tests.conftest import http_service
 from tests.test_report import two_stages  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slow
