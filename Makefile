@@ -38,9 +38,10 @@ postgres: ## install PostgreSQL (Debian's postgresql) for make server, where apt
 repro: setup data-package ## set up, then run the whole pipeline (dvc repro, default profile)
 	dvc repro
 
-# pytest-xdist: a worker per core (at most 4); the suite waits on process start-ups, stores and servers as much as
-# it computes, so two workers on two cores nearly halve it; the slowest tests are listed at the end
-PYTEST := pytest -n auto --maxprocesses 4 --durations=15
+# pytest-xdist: one worker more than cores (at most 4): the suite waits on process start-ups, stores, servers and
+# queues as much as it computes, and a third worker on two cores fills those waits; the slowest tests are listed
+TEST_WORKERS := $(shell n=$$(nproc); echo $$(( n + 1 < 4 ? n + 1 : 4 )))
+PYTEST := pytest -n $(TEST_WORKERS) --durations=15
 
 test: setup browser postgres ## set up, then run every test, the slow end-to-end ones included
 	$(PYTEST)
