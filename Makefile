@@ -38,10 +38,10 @@ postgres: ## install PostgreSQL (Debian's postgresql) for make server, where apt
 repro: setup data-package ## set up, then run the whole pipeline (dvc repro, default profile)
 	dvc repro
 
-# pytest-xdist: one worker more than cores (at most 4): the suite waits on process start-ups, stores, servers and
-# queues as much as it computes, and a third worker on two cores fills those waits; the slowest tests are listed
-TEST_WORKERS := $(shell n=$$(nproc); echo $$(( n + 1 < 4 ? n + 1 : 4 )))
-PYTEST := pytest -n $(TEST_WORKERS) --durations=15
+# pytest-xdist: a worker per core (at most 4); the suite waits on process start-ups, stores and servers as much as
+# it computes, so two workers on two cores nearly halve it (a third made it slower: 18:51 against 17:23). loadgroup:
+# the two smoke pipelines run first, one after the other on one worker (tests/conftest.py); the slowest are listed
+PYTEST := pytest -n auto --maxprocesses 4 --dist loadgroup --durations=15
 
 test: setup browser postgres ## set up, then run every test, the slow end-to-end ones included
 	$(PYTEST)
