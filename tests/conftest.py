@@ -229,4 +229,3 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in smoke:
         item.add_marker(pytest.mark.xdist_group("smoke-pipelines"))
     items[:] = smoke + [item for item in items if item not in smoke]
-
