@@ -60,6 +60,13 @@ def test_space_to_hyperparameters_with_a_condition():
     assert define(chosen, params)["dropout"] == pytest.approx(0.1)
 
 
+def search_cnn(cfg):
+    """The cnn stage's search alone (no final fit) on the split data; the best cnn config."""
+    splits = load_splits(SPLIT_DIR)
+    return tune("cnn", cfg.cnn, lambda c: build_cnn_from(c, splits.image_shape, 10), splits.train, splits.val,
+                cfg.tuner, cfg.seed)
+
+
 @pytest.mark.parametrize("kind", ["random", pytest.param("bayesian", marks=pytest.mark.slow),
                                   pytest.param("hyperband", marks=pytest.mark.slow)])
 def test_two_trial_search_logs_nested_runs_and_carries_the_best_forward(split_data, tmp_path, monkeypatch, kind):
@@ -68,10 +75,8 @@ def test_two_trial_search_logs_nested_runs_and_carries_the_best_forward(split_da
     extra = ("tuner.epochs=2",) if kind == "hyperband" else ()  # factor 3: one bracket of 2-epoch trials
     cfg = load_config(*split_data_overrides(split_data), *SEARCHED_CNN, *extra, f"tuner.kind={kind}",
                       f"tracking.uri={store}")
-    splits = load_splits(SPLIT_DIR)
     with tracking.stage_run("cnn", cfg) as run_id:
-        best_cnn = tune("cnn", cfg.cnn, lambda c: build_cnn_from(c, splits.image_shape, 10), splits.train, splits.val,
-                        cfg.tuner, cfg.seed)
+        best_cnn = search_cnn(cfg)
 
     best = json.loads((model_dir("cnn") / "best_hparams.json").read_text())
     assert best["source"] == "search" and best["tuner"] == kind and set(best["values"]) == {"filters", "lr"}
@@ -108,10 +113,8 @@ def test_search_disabled_trains_the_configured_values(split_data):
 @pytest.mark.slow
 def test_a_changed_space_starts_a_fresh_search(split_data):
     base = (*split_data_overrides(split_data), *SEARCHED_CNN)
-    splits = load_splits(SPLIT_DIR)
     for cfg in (load_config(*base), load_config(*base, "cnn.search.space.filters.choice=[2, 6]")):
-        tune("cnn", cfg.cnn, lambda c: build_cnn_from(c, splits.image_shape, 10), splits.train, splits.val,
-             cfg.tuner, cfg.seed)
+        search_cnn(cfg)
     with (model_dir("cnn") / "search" / "trials.csv").open() as fh:
         assert {row["filters"] for row in csv.DictReader(fh)} <= {"2", "6"}  # no old trial mixed in
 
@@ -144,11 +147,9 @@ def test_a_change_of_the_final_budget_only_keeps_the_finished_search(split_data)
     cnn.run(load_config(*base, "cnn.train.epochs=2", "cnn.train.min_images=600", "cnn.train.patience=2",
                         "cnn.train.seeds=[1,2]"))
     assert trials() == first
-    cfg = load_config(*base, "cnn.train.label_smoothing=0.0")  # what a trial trains with: a fresh search
-    splits = load_splits(SPLIT_DIR)
-    tune("cnn", cfg.cnn, lambda c: build_cnn_from(c, splits.image_shape, 10), splits.train, splits.val, cfg.tuner,
-         cfg.seed)
-    assert trials() and trials().keys().isdisjoint(first)
+    search_cnn(load_config(*base, "cnn.train.label_smoothing=0.0"))  # what a trial trains with: a fresh search
+    fresh = trials()
+    assert fresh and fresh.keys().isdisjoint(first)
 
 
 def test_importance_counts_each_hyperband_candidate_once_at_its_last_round():
