@@ -72,6 +72,7 @@ def gradcam(model: keras.Model, images: np.ndarray, targets: np.ndarray) -> np.n
     weights = ops.mean(grads, axis=(1, 2), keepdims=True)  # one weight per channel: its mean gradient
     cams = ops.relu(ops.sum(weights * features, axis=-1, keepdims=True))
     cams = ops.convert_to_numpy(ops.image.resize(cams, images.shape[1:3], interpolation="bilinear"))[..., 0]
+    cams = cams.astype(np.float32)  # bfloat16 under mixed precision, which matplotlib cannot scale
     peak = cams.max(axis=(1, 2), keepdims=True)
     return np.divide(cams, peak, out=np.zeros_like(cams), where=peak > 0)
 

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import mlflow
 import yaml
-from mlflow import MlflowClient
 from mlflow.entities import LoggedModelOutput, Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
@@ -43,7 +42,7 @@ class Copier:
     """Copies between two stores; `runs` and `models` map the source's ids to the destination's."""
 
     def __init__(self, source: str, destination: str) -> None:
-        self.src, self.dst = MlflowClient(source), MlflowClient(destination)
+        self.src, self.dst = tracking.client(source), tracking.client(destination)
         self.runs: dict[str, str] = {}
         self.models: dict[str, str] = {}
 

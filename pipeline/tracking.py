@@ -607,6 +607,13 @@ def check_server(uri: str) -> None:
                             f"tracking=local") from None
 
 
+def client(uri: str) -> mlflow.MlflowClient:
+    """A client of the store at `uri`. Opening a new SQLite store makes its tables: done under the lock the stages
+    take, since two processes making them at once fail (alembic: "expected to match one row")."""
+    with _store_lock(uri):
+        return mlflow.MlflowClient(uri)
+
+
 @contextlib.contextmanager
 def _store_lock(uri: str) -> Iterator[None]:
     """Serialise the first use of a SQLite store (concurrent stages of `dvc queue start -j 2` would both create

@@ -21,6 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"the tracking server {cfg.tracking.uri} serves the UI itself: open it in a browser")
         return 0
     store = tracking.store_uri(cfg.tracking)
+    tracking.client(store)  # a new store's tables, made under the lock a stage starting beside the UI takes too
     print(f"MLflow UI on http://{cfg.tracking.ui_host}:{cfg.tracking.ui_port} (store {store}); Ctrl-C stops it",
           flush=True)
     os.execvp(command[0], command)

@@ -68,13 +68,13 @@ def test_a_perfect_model_still_gets_every_file(tmp_path):
     assert (tmp_path / "worst_misclassified.png").is_file()
 
 
-def bright_vs_dark_model() -> keras.Model:
+def bright_vs_dark_model(dtype: str = "float32") -> keras.Model:
     """Class 0 scores the bright pixels, class 1 the dark ones: feature channel 0 = x, channel 1 = 1 - x."""
     inputs = keras.Input((8, 8, 1))
-    conv = keras.layers.Conv2D(2, 1, activation="relu", name="features")
+    conv = keras.layers.Conv2D(2, 1, activation="relu", name="features", dtype=dtype)
     x = conv(inputs)
-    x = keras.layers.Flatten()(x)
-    dense = keras.layers.Dense(2, activation="softmax")
+    x = keras.layers.Flatten(dtype=dtype)(x)
+    dense = keras.layers.Dense(2, activation="softmax", dtype=dtype)
     outputs = dense(x)
     model = keras.Model(inputs, outputs)
     conv.set_weights([np.array([1.0, -1.0]).reshape(1, 1, 1, 2), np.array([0.0, 1.0])])
@@ -96,10 +96,12 @@ def test_gradcam_points_at_the_pixels_behind_each_class():
     np.testing.assert_allclose(maps[1], (~square).astype(float), atol=1e-5)
 
 
-def test_gradcam_figure(tmp_path):
-    model = bright_vs_dark_model()
-    images = np.zeros((2, 8, 8, 1), dtype=np.float32)
-    images[:, :3, :3] = 1.0
+@pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16"])  # `train.precision`: bfloat16 maps
+def test_gradcam_figure(tmp_path, dtype):
+    model = bright_vs_dark_model(dtype)
+    images = np.zeros((2, 8, 8, 1), dtype=np.uint8)  # as the stages hold them
+    images[:, :3, :3] = 1
+    assert gradcam(model, images, np.array([0, 1])).dtype == np.float32  # matplotlib cannot scale bfloat16 maps
     y_prob = model.predict(images, verbose=0)
     write_gradcam(tmp_path / "gradcam.png", model, images, np.array([1, 1]), y_prob, ["bright", "dark"])
     with Image.open(tmp_path / "gradcam.png") as figure:

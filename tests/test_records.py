@@ -32,7 +32,7 @@ def store(tmp_path, monkeypatch) -> str:
 
 
 def runs_of(store: str, query: str = "") -> list:
-    client = MlflowClient(store)
+    client = tracking.client(store)  # polled while a stage makes the store: under the lock the stage takes
     return client.search_runs([client.get_experiment_by_name("fashion_mnist").experiment_id], query)
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import subprocess
 import sys
 import threading
+import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -18,7 +21,7 @@ from pipeline.data.split import load_splits
 from pipeline.errors import DataError, PipelineError
 from pipeline.paths import METRICS_DIR, SPLIT_DIR
 from pipeline.stages import baseline, cnn, split
-from tests.conftest import load_config
+from tests.conftest import REPO, load_config
 from tests.test_model_stages import SMALL_CNN, split_data_overrides
 
 
@@ -147,6 +150,28 @@ def test_the_stage_name_and_dvc_processes():
 
 def test_tracking_errors_are_pipeline_errors():
     assert issubclass(tracking.TrackingError, PipelineError)
+
+
+def test_a_new_store_is_made_under_the_lock_the_stages_take(tmp_path):
+    """Two processes making a SQLite store's tables at once fail (the race CI met: a test polled the store while a
+    stage made it). Any opener waits for a stage holding the lock."""
+    db = tmp_path / "mlflow.db"
+    opener = [sys.executable, "-c", f"from pipeline import tracking; tracking.client('sqlite:///{db}')"]
+    with tracking._store_lock(f"sqlite:///{db}"):
+        process = subprocess.Popen(opener, cwd=REPO)
+        deadline = time.monotonic() + 60
+        while not _waits_for_a_lock(process.pid):
+            assert process.poll() is None and not db.exists(), "the store was opened without the lock"
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    assert process.wait(timeout=60) == 0
+    assert "experiments" in {name for (name,) in sqlite3.connect(db).execute("select name from sqlite_master")}
+
+
+def _waits_for_a_lock(pid: int) -> bool:
+    """The kernel's table of file locks lists a blocked waiter as `N: -> FLOCK ADVISORY WRITE <pid> ...`."""
+    return any(fields[1:2] == ["->"] and fields[5:6] == [str(pid)]
+               for fields in map(str.split, Path("/proc/locks").read_text().splitlines()))
 
 
 @pytest.mark.slow
