@@ -129,7 +129,8 @@ def serve(root: Path, host: str, port: int, workers: int) -> int:
         artifacts.mkdir(exist_ok=True)
         print(f"MLflow tracking server on http://{host}:{port} (PostgreSQL in {root / 'postgres'}, artifacts in "
               f"{artifacts}); stages use it with -S tracking=server; Ctrl-C stops it", flush=True)
-        server = subprocess.Popen(server_command(backend, artifacts, host, port, workers))
+        server = subprocess.Popen(server_command(backend, artifacts, host, port, workers),
+                                  env=tracking.server_environment())
         try:
             return server.wait()
         except (KeyboardInterrupt, Terminated):

@@ -24,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tracking.client(store)  # a new store's tables, made under the lock a stage starting beside the UI takes too
     print(f"MLflow UI on http://{cfg.tracking.ui_host}:{cfg.tracking.ui_port} (store {store}); Ctrl-C stops it",
           flush=True)
-    os.execvp(command[0], command)
+    os.execvpe(command[0], command, tracking.server_environment())
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from pipeline import config
@@ -179,6 +180,12 @@ def http_service(command: list[str], url: str, timeout_s: float = 180,
             os.killpg(process.pid, stop)
         process.wait(timeout=60)
         log.close()
+
+
+def job_runners(process: subprocess.Popen) -> list[str]:
+    """MLflow's GenAI job runners under a server process (the project starts its servers without them)."""
+    return [" ".join(p.cmdline()) for p in psutil.Process(process.pid).children(recursive=True)
+            if "huey" in " ".join(p.cmdline())]
 
 
 @pytest.fixture

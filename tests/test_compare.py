@@ -21,7 +21,7 @@ from pipeline.compare import FLIP_FIELDS, RIGHT_TO_WRONG, WRONG_TO_RIGHT, flippe
 from pipeline.outputs import write_stage_outputs
 from pipeline.paths import METRICS_DIR, PLOTS_DIR
 from pipeline.stages import baseline, cnn, cnn_aug, split
-from tests.conftest import load_config
+from tests.conftest import UNIT, load_config
 from tests.test_analysis import CLASSES as TEST_CLASSES
 from tests.test_analysis import Y_PROB, Y_TRUE
 from tests.test_model_stages import split_data_overrides
@@ -79,13 +79,13 @@ def test_predictions_round_trip_and_flips_most_confident_first(tmp_path):
 
 def run_stage(monkeypatch, stage: ModuleType, *overrides: str) -> str:
     """A stage run by its command line (`python -m pipeline.stages.<stage> ...`) in its MLflow run; the run's id."""
-    monkeypatch.setattr(sys, "argv", [stage.__name__, "profile=smoke", *overrides])
+    monkeypatch.setattr(sys, "argv", [stage.__name__, "profile=smoke", *UNIT, *overrides])
     cli.stage_main(stage.run)
     name = stage.__name__.rsplit(".", 1)[-1]
     return json.loads((METRICS_DIR / f"{name}.json").read_text(encoding="utf-8"))["mlflow_run_id"]
 
 
-@pytest.mark.slow  # 30 s: a search, two trainings
+@pytest.mark.slow  # a search, two trainings
 def test_compare_two_stage_runs_in_a_store_with_tuner_trials(split_data, store, tmp_path, monkeypatch, capsys):
     base = (*split_data_overrides(split_data), *SEARCHED_CNN, f"tracking.uri={store}")
     cnn_id = run_stage(monkeypatch, cnn, *base)  # a real 2-trial search: trials are runs tagged pipeline.stage=cnn

@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from pipeline.search_workers import free_port
-from tests.conftest import http_service
+from tests.conftest import http_service, job_runners
 from tests.test_report import two_stages  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slow
@@ -45,8 +45,8 @@ def ui(two_stages):  # noqa: F811
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with http_service([sys.executable, "-m", "pipeline.ui", f"tracking.uri={cfg.tracking.uri}",
-                       f"tracking.ui_port={port}"], url):
-        yield url, ids
+                       f"tracking.ui_port={port}"], url) as process:
+        yield url, ids, process
 
 
 def wait_for_text(driver, *texts: str, timeout: float = 90) -> str:
@@ -61,7 +61,7 @@ def wait_for_text(driver, *texts: str, timeout: float = 90) -> str:
 def test_the_ui_lists_the_stage_runs_and_compares_two(ui, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
-    url, ids = ui
+    url, ids, process = ui
     browser.get(f"{url}/#/experiments/1/runs")
     # the experiment (one per data set) opens on its training runs, not on MLflow's GenAI views; one row per
     # pipeline execution, whose stage runs unfold under it
@@ -79,3 +79,5 @@ def test_the_ui_lists_the_stage_runs_and_compares_two(ui, browser, tmp_path):
     port = int(url.rsplit(":", 1)[1])
     listening = {c.laddr.ip for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port}
     assert listening == {"127.0.0.1"}  # the default binds loopback only: no one else on the network sees the runs
+    # one web server, none of MLflow's GenAI job runners (their start costs 20 CPU-seconds, and answers 2-6 s later)
+    assert job_runners(process) == []
