@@ -72,27 +72,29 @@ def test_a_split_killed_while_writing_leaves_the_old_split_and_reruns_to_the_sam
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_at", [
-    pytest.param(("h5py:File.close", 3), id="inside-a-weights-write"),  # epoch 2's training state, half written
-    pytest.param(("pipeline.fit_state:write_json", 2), id="between-an-epochs-weights-and-its-commit"),
-])
-def test_a_fit_killed_at_any_point_resumes_to_the_uninterrupted_result(idx_data, split_data, tmp_path, kill_at):
+def test_a_fit_killed_at_any_point_resumes_to_the_uninterrupted_result(idx_data, split_data, tmp_path):
+    """Killed twice on its way: inside a weights write (epoch 2's training state, half written), then, resumed,
+    between an epoch's weights and its commit (epoch 3's). Each rerun resumes after the last committed epoch; the
+    end is the uninterrupted run's."""
     overrides = (*idx_data.overrides(), "cnn.search.enabled=false", *SMALL_CNN)
     reference = tmp_path / "uninterrupted"
     shutil.copytree(Path.cwd() / "data", reference / "data")
     finished(stage("cnn", *overrides, cwd=reference))
 
-    assert killed(stage("cnn", *overrides, kill_at=kill_at))
+    assert killed(stage("cnn", *overrides, kill_at=("h5py:File.close", 3)))
     fit_dir = work_dir("cnn") / "fit"
     assert len(read_state(fit_dir).history) == 1  # epoch 1 committed; epoch 2 was being saved
+    resumed = stage("cnn", *overrides, kill_at=("pipeline.fit_state:write_json", 2))  # 1: epoch 2's commit
+    assert killed(resumed) and "resuming after epoch 1 " in resumed.stderr
+    assert len(read_state(fit_dir).history) == 2  # epoch 3's weights written, never committed
     resumed = stage("cnn", *overrides)
     finished(resumed)
-    assert "resuming after epoch 1 " in resumed.stderr
+    assert "resuming after epoch 2 " in resumed.stderr
 
     ours, theirs = (json.loads((d / "metrics/cnn.json").read_text()) for d in (Path.cwd(), reference))
     assert ours["epochs"] == theirs["epochs"] == 4
     history = [list(csv_rows(d / "plots/cnn/history.csv")) for d in (Path.cwd(), reference)]
-    assert history[0][0] == history[1][0]  # the epoch before the kill is the uninterrupted run's, to the digit
+    assert history[0][0] == history[1][0]  # the epoch before the first kill is the uninterrupted run's, to the digit
     # the resumed epochs see other shuffles than the uninterrupted run's (a new process), so they agree within a
     # tolerance: on this tiny data set both learn it
     assert abs(ours["val_accuracy"] - theirs["val_accuracy"]) <= 0.1 and ours["val_accuracy"] >= 0.8

@@ -62,8 +62,6 @@ def make_repo(tmp_path: Path) -> Path:
 
 SMALL = ["-S", "data=tiny", "-S", "profile=smoke", "-S", "tuner.max_trials=1"]
 MODEL_STAGES = ("baseline", "cnn", "cnn_aug", "transfer", "finetune")
-# the smoke pipeline where the test above already checks that each stage learns: smaller budgets after the cnn
-SMALLER_AFTER_CNN = ["-S", "cnn_aug.train.min_images=1000", "-S", "transfer.train.min_images=3000"]
 
 
 def test_dvc_exp_run_composes_config_and_reruns_only_what_changed(repo):
