@@ -1,8 +1,8 @@
 """Two runs side by side: `python -m pipeline.compare RUN_A RUN_B [--out DIR] [OVERRIDES]`.
 
-A run is named by its id or by a stage (its latest finished stage run); both must have been evaluated on the
-same test split. Prints both runs' metrics and the difference, what changed image by image and whether that is
-more than chance, and writes into --out (default compare/):
+A run is named by its id or by a stage (the run that made the workspace's outputs, else its latest finished stage
+run); both must have been evaluated on the same test split. Prints both runs' metrics and the difference, what
+changed image by image and whether that is more than chance, and writes into --out (default compare/):
 
 - confusion_difference.{csv,png}: their row-normalised confusion matrices, B - A (positive cells are mistakes
   B makes more often than A);
@@ -237,8 +237,8 @@ def _cell(value: float | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.compare", description=__doc__.splitlines()[0])
-    parser.add_argument("run_a", help="run id, or a stage name for its latest finished stage run")
-    parser.add_argument("run_b", help="run id, or a stage name for its latest finished stage run")
+    parser.add_argument("run_a", help="run id, or a stage name: the run of its metrics/<stage>.json, else its latest")
+    parser.add_argument("run_b", help="run id, or a stage name: the run of its metrics/<stage>.json, else its latest")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/ (e.g. tracking.uri=...)")
     parser.add_argument("--out", type=Path, default=Path("compare"), help="where the comparison's files go")
     args = parser.parse_args(argv)

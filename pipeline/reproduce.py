@@ -1,12 +1,13 @@
 """Run a logged stage run again and compare: `python -m pipeline.reproduce RUN [OVERRIDES] [--tolerance X]`.
 
-RUN is a stage run's id (or a stage's name: its latest finished stage run). Its stage runs again as a DVC experiment,
-from the git commit and with the composed config (`config.yaml`) that the run recorded, in a temporary git worktree
-at that commit whose DVC cache is this repository's: the upstream outputs come from that cache (a checkout of the
-commit's dvc.lock, or DVC's run cache), the stage itself is forced to run. Its new MLflow run lands in the store the
-run was found in, tagged `pipeline.reproduces=<RUN>`. The accuracies are printed beside the logged ones; exit 0 when
-each agrees within `tracking.reproduce_tolerance` (or --tolerance), 1 when not, 2 on bad input. This workspace's
-files stay as they are; the worktree is removed afterwards, the experiment stays (`dvc exp show -A`).
+RUN is a stage run's id (or a stage's name: the workspace's run, else its latest). Its stage runs again as a DVC
+experiment, from the git commit and with the composed config (`config.yaml`) that the run recorded, in a temporary
+git worktree at that commit whose DVC cache is this repository's: the upstream outputs come from that cache (a
+checkout of the commit's dvc.lock, or DVC's run cache), the stage itself is forced to run. Its new MLflow run lands
+in the store the run was found in, tagged `pipeline.reproduces=<RUN>`. The accuracies are printed beside the logged
+ones; exit 0 when each agrees within `tracking.reproduce_tolerance` (or --tolerance), 1 when not, 2 on bad input.
+This workspace's files stay as they are; the worktree is removed afterwards, the experiment stays
+(`dvc exp show -A`).
 """
 
 from __future__ import annotations
@@ -327,7 +328,8 @@ def _say(line: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.reproduce", description=__doc__.splitlines()[0])
-    parser.add_argument("run", help="a stage run's id, or a stage name for its latest finished stage run")
+    parser.add_argument("run", help="a stage run's id, or a stage name: the run its metrics/<stage>.json names, else "
+                        "its latest")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/ for finding the run "
                         "(e.g. tracking.uri=...)")
     parser.add_argument("--tolerance", type=float, default=None,

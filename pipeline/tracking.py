@@ -17,6 +17,7 @@ import fcntl
 import functools
 import hashlib
 import importlib.metadata
+import json
 import logging
 import os
 import re
@@ -41,6 +42,7 @@ from mlflow.models import Model, infer_signature
 from PIL import Image
 
 from pipeline.errors import PipelineError, Terminated
+from pipeline.paths import METRICS_DIR
 from pipeline.schema import Config, TrackingConfig
 from pipeline.search_space import space_keys
 
@@ -534,7 +536,8 @@ def run_link(run_id: str, cfg: TrackingConfig) -> str | None:
 
 
 def find_run(ref: str, experiment_id: str) -> mlflow.entities.Run:
-    """A run by id, or the latest finished run of a stage by the stage's name: a stage run only, as tuner trials,
+    """A run by id; by a stage's name, the run that made the workspace's outputs (`metrics/<stage>.json` names it)
+    where this store holds it, else the stage's latest finished stage run: a stage run only, as tuner trials,
     reused-stage and comparison runs carry the stage's tag too or come later."""
     client = mlflow.MlflowClient()
     if RUN_ID.fullmatch(ref):
@@ -542,13 +545,28 @@ def find_run(ref: str, experiment_id: str) -> mlflow.entities.Run:
             return client.get_run(ref)
         except MlflowException:
             raise TrackingError(f"no run {ref} in {mlflow.get_tracking_uri()}") from None
-    runs = client.search_runs([experiment_id], f"tags.`pipeline.stage` = '{ref}' and tags.`{KIND_TAG}` = 'stage' "
-                              "and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not re.fullmatch(r"\w+", ref):
+        raise TrackingError(f"'{ref}' is neither a run id (32 hex digits) nor a stage name")
+    stage_runs = (f"tags.`pipeline.stage` = '{ref}' and tags.`{KIND_TAG}` = 'stage' "
+                  "and attributes.status = 'FINISHED'")
+    workspace = _workspace_run_id(ref)
+    runs = workspace and client.search_runs([experiment_id], f"{stage_runs} and attributes.run_id = '{workspace}'")
+    runs = runs or client.search_runs([experiment_id], stage_runs, order_by=["attributes.start_time DESC"],
+                                      max_results=1)
     if not runs:
         raise TrackingError(f"'{ref}' is neither a run id nor a stage with a finished stage run in "
                             f"{mlflow.get_tracking_uri()}")
     return runs[0]
+
+
+def _workspace_run_id(stage: str) -> str | None:
+    """The run id in the workspace's `metrics/<stage>.json`, if it has one: a later experiment (`--temp`, queued) may
+    have logged newer runs of the stage into the same store."""
+    try:
+        run_id = json.loads((METRICS_DIR / f"{stage}.json").read_text(encoding="utf-8")).get("mlflow_run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return run_id if isinstance(run_id, str) and RUN_ID.fullmatch(run_id) else None
 
 
 def log_comparison(experiment_id: str, name: str, tags: dict[str, str], metrics: dict[str, float],

@@ -205,3 +205,25 @@ def test_hand_made_stage_runs_then_one_from_before_test_predictions(workdir, sto
     latest = client.search_runs([client.get_run(ids[0]).info.experiment_id], "tags.`pipeline.kind` = 'compare'",
                                 order_by=["attributes.start_time DESC"])
     assert len(latest) == 2 and latest[0].data.metrics == {}
+
+
+def test_a_stage_name_is_the_run_that_made_the_workspace_outputs_else_the_latest(workdir, store):
+    """`make compare A=cnn` after `make repro` and a later `dvc exp run --temp` in the same store: the workspace's
+    run, which metrics/cnn.json names; without that file (or naming a run this store lacks), the latest."""
+    cfg = load_config(f"tracking.uri={store}")
+    ids, outputs = [], []
+    for _ in range(2):
+        with tracking.stage_run("cnn", cfg) as run_id:
+            write_stage_outputs("cnn", Y_TRUE, Y_PROB, TEST_CLASSES, images=np.zeros((10, 4, 4, 1), dtype=np.uint8),
+                                val_accuracy=0.5, fit_seconds=1.0, parameters=10, images_per_second=100.0)
+        ids.append(run_id)
+        outputs.append((METRICS_DIR / "cnn.json").read_text())
+    experiment = tracking.connect(cfg)
+    (METRICS_DIR / "cnn.json").write_text(outputs[0])
+    assert tracking.find_run("cnn", experiment).info.run_id == ids[0]
+    (METRICS_DIR / "cnn.json").write_text(outputs[0].replace(ids[0], "0" * 32))  # another store's run
+    assert tracking.find_run("cnn", experiment).info.run_id == ids[1]
+    (METRICS_DIR / "cnn.json").unlink()
+    assert tracking.find_run("cnn", experiment).info.run_id == ids[1]
+    with pytest.raises(tracking.TrackingError, match="'cnn' OR 1' is neither a run id"):
+        tracking.find_run("cnn' OR 1", experiment)
