@@ -235,4 +235,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     smoke = [item for item in items if item.nodeid.endswith(SMOKE_PIPELINES)]
     for item in smoke:
         item.add_marker(pytest.mark.xdist_group("smoke-pipelines"))
-    items[:] = smoke + [item for item in items if item not in smoke]
+    rest = [item for item in items if item not in smoke]
+    # then the other slow tests, then those that train (on split data), the short ones last: they fill the gaps,
+    # so that both workers end about together
+    items[:] = smoke + sorted(rest, key=lambda item: (item.get_closest_marker("slow") is None,
+                                                      "split_data" not in getattr(item, "fixturenames", ())))

@@ -149,8 +149,8 @@ def statuses(store: str) -> dict[str, str]:
     return {r.data.tags["pipeline.kind"]: r.info.status for r in runs_of(store)}
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143),
-                                          pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_stopped_stage_ends_its_runs_killed(split_data, store, workdir, signum, code):
     process = start_and_wait_for_a_trial(stage_command(split_data, store), store, workdir)
     process.send_signal(signum)
