@@ -53,12 +53,12 @@ def same_weights(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
 
 @pytest.mark.slow
 def test_each_seed_is_a_child_run_and_the_stage_run_holds_their_spread(split_data, store):
-    cfg = config(split_data, store, "cnn.train.seeds=[3,5,7]")
+    cfg = config(split_data, store, "cnn.train.seeds=[3,5]")
     with tracking.stage_run("cnn", cfg) as run_id:
         metrics = cnn.run(cfg)
     children = seed_children(store, run_id)
     assert [(c.info.run_name, c.data.tags["pipeline.seed"], c.data.tags["pipeline.seed_fitted"], c.info.status)
-            for c in children] == [(f"seed {s}", str(s), "true", "FINISHED") for s in (3, 5, 7)]
+            for c in children] == [(f"seed {s}", str(s), "true", "FINISHED") for s in (3, 5)]
     client = MlflowClient(store)
     for child in children:  # each seed's curves, from its first epoch
         assert [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")] == [1, 2]
@@ -66,7 +66,7 @@ def test_each_seed_is_a_child_run_and_the_stage_run_holds_their_spread(split_dat
     test = [c.data.metrics["test_accuracy"] for c in children]
 
     stage = client.get_run(run_id).data.metrics
-    assert stage["seeds_count"] == 3
+    assert stage["seeds_count"] == 2
     assert stage["seeds_val_accuracy_mean"] == pytest.approx(np.mean(val))
     assert stage["seeds_val_accuracy_std"] == pytest.approx(np.std(val, ddof=1))
     assert stage["seeds_test_accuracy_mean"] == pytest.approx(np.mean(test))
@@ -75,7 +75,7 @@ def test_each_seed_is_a_child_run_and_the_stage_run_holds_their_spread(split_dat
     assert json.loads((METRICS_DIR / "cnn.json").read_text()) == metrics
     assert metrics["mlflow_run_id"] == run_id  # the outputs are recorded on the stage run, not on a seed's
     seeds = metrics["seeds"]
-    assert seeds["values"] == [3, 5, 7]
+    assert seeds["values"] == [3, 5]
     assert seeds["val_accuracy"]["per_seed"] == pytest.approx(val)
     assert seeds["test_accuracy"]["per_seed"] == pytest.approx(test)
     assert seeds["test_accuracy"]["std"] == pytest.approx(np.std(test, ddof=1))

@@ -132,7 +132,7 @@ def test_a_change_of_the_stages_code_starts_a_fresh_search(code_copy):
     assert key() != before
 
 
-@pytest.mark.slow  # two stage runs with a search each, then a search
+@pytest.mark.slow  # a stage run with its search, then two searches
 def test_a_change_of_the_final_budget_only_keeps_the_finished_search(split_data):
     base = (*split_data_overrides(split_data), *SEARCHED_CNN, "cnn.train.epochs=1")
 
@@ -144,8 +144,8 @@ def test_a_change_of_the_final_budget_only_keeps_the_finished_search(split_data)
     first = trials()
     assert len(first) == 2
     # the final fit's epochs, images, patience and seeds: the same search, not one trial run again
-    cnn.run(load_config(*base, "cnn.train.epochs=2", "cnn.train.min_images=600", "cnn.train.patience=2",
-                        "cnn.train.seeds=[1,2]"))
+    search_cnn(load_config(*base, "cnn.train.epochs=2", "cnn.train.min_images=600", "cnn.train.patience=2",
+                           "cnn.train.seeds=[1,2]"))
     assert trials() == first
     search_cnn(load_config(*base, "cnn.train.label_smoothing=0.0"))  # what a trial trains with: a fresh search
     fresh = trials()
