@@ -6,6 +6,7 @@ the reference's seconds in the same run (docs/decisions.md).
 
     python bench/run_pipeline.py                 # about an hour on 2 CPU cores
     python bench/run_pipeline.py --skip-extras   # only the reference, the pipeline and a no-op repro
+    python bench/run_pipeline.py --smoke-only    # only the reference and the smoke profile: their ratio, printed
 
 It reruns every stage (`dvc repro --force`), so the repository's metrics/ and dvc.lock then hold this run:
 commit them with docs/benchmarks.md and docs/benchmarks.json.
@@ -258,9 +259,18 @@ def write_outputs(results: dict[str, Any], markdown: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-extras", action="store_true", help="only the reference, the pipeline and a no-op repro")
+    parser.add_argument("--smoke-only", action="store_true",
+                        help="only the reference and the smoke profile: their ratio, printed as JSON; docs/ untouched")
     parser.add_argument("--out", type=Path, default=REPO / "docs/benchmarks.md", help="and .json beside it")
     args = parser.parse_args()
     reference = run_reference()
+    if args.smoke_only:
+        smoke = smoke_seconds()
+        print(json.dumps({"date": f"{datetime.date.today()}", "machine": machine(),
+                          "reference_seconds": round(reference["seconds"], 1), "smoke_seconds": round(smoke, 1),
+                          "smoke_vs_reference": round(smoke / reference["seconds"], 3),
+                          "budget": BUDGETS_VS_REFERENCE["smoke"]}))
+        return
     times = run_pipeline()
     no_op = no_op_seconds()
     smoke = None if args.skip_extras else smoke_seconds()
