@@ -184,8 +184,8 @@ def http_service(command: list[str], url: str, timeout_s: float = 180,
 
 def job_runners(process: subprocess.Popen) -> list[str]:
     """MLflow's GenAI job runners under a server process (the project starts its servers without them)."""
-    return [" ".join(p.cmdline()) for p in psutil.Process(process.pid).children(recursive=True)
-            if "huey" in " ".join(p.cmdline())]
+    commands = (" ".join(p.cmdline()) for p in psutil.Process(process.pid).children(recursive=True))
+    return [command for command in commands if "huey" in command]
 
 
 @pytest.fixture

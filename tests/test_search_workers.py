@@ -50,7 +50,7 @@ def test_a_chief_and_two_workers_share_the_search_and_retry_a_killed_workers_tri
     chief = subprocess.Popen([sys.executable, "-m", "pipeline.stages.cnn", "profile=smoke", *UNIT, *overrides],
                              cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              env={**os.environ, "PYTHONPATH": str(REPO)})
-    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    client = tracking.client(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")  # polled while the chief makes it
     killed, deadline = None, time.monotonic() + 600
     try:
         while chief.poll() is None and time.monotonic() < deadline:
