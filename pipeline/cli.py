@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -39,15 +40,29 @@ def stage_main(run: Callable[[Config], Any]) -> None:
 
 
 def stop_on_signals() -> None:
-    """SIGTERM raises Terminated and SIGINT KeyboardInterrupt, so that `finally` blocks close what is open."""
-    signal.signal(signal.SIGTERM, _terminate)
+    """SIGTERM raises Terminated and SIGINT KeyboardInterrupt, so that `finally` blocks close what is open; but
+    never inside a tracking-store query (see `_interrupt`)."""
+    signal.signal(signal.SIGTERM, _interrupt)
     # Python installs its Ctrl-C handler only where SIGINT is not ignored, and a shell without job control starts
     # `cmd &` with SIGINT ignored (CI scripts, `nohup ... &`): then `kill -INT` did nothing and a stage trained on
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, _interrupt)
 
 
-def _terminate(signum, frame) -> None:
-    raise Terminated()
+STORE_MODULES = ("sqlalchemy.", "alembic.")
+REDELIVERY_S = 0.05
+
+
+def _interrupt(signum: int, frame) -> None:
+    """Raise the signal's exception, unless the main thread is inside SQLAlchemy: an exception raised there
+    abandons the query's SQLite connection with its transaction open (SQLAlchemy discards, without closing, a
+    connection that a BaseException interrupts), and the KILLED bookkeeping that follows waits on that lock for
+    ever. Then the signal is sent again a moment later, until it lands outside."""
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith(STORE_MODULES):
+            threading.Timer(REDELIVERY_S, os.kill, (os.getpid(), signum)).start()
+            return
+        frame = frame.f_back
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def stage_name(run: Callable) -> str:

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow import MlflowClient
+from sqlalchemy.engine.default import DefaultDialect
 
-from pipeline import config, tracking
-from pipeline.errors import ConfigError
+from pipeline import cli, config, tracking
+from pipeline.errors import ConfigError, Terminated
 from pipeline.paths import METRICS_DIR, model_dir
 from pipeline.stages import baseline, cnn, cnn_aug
 from tests.conftest import REPO, load_config
@@ -163,6 +164,38 @@ def test_a_stopped_stage_ends_its_runs_killed(split_data, store, workdir, signum
     assert process.returncode == code, output
     assert statuses(store) == {"execution": "KILLED", "stage": "KILLED", "trial": "KILLED"}
     assert "Traceback" not in output
+
+
+def test_a_stop_that_lands_inside_a_store_query_lets_the_query_end(store, monkeypatch):
+    """A SIGTERM raised between a SELECT's execution and its fetch leaves SQLite's statement open in the frames of
+    the exception's traceback: SQLAlchemy closes the connection, but SQLite keeps it, and its read lock, until the
+    statement is freed; the KILLED bookkeeping then waited on that lock (CI: still running 60 s after the signal)."""
+    cfg = load_config(f"tracking.uri={store}", "tracking.system_metrics=false")
+    signalled = []
+
+    def signalling(execute):
+        def signal_once(self, cursor, statement, *args, **kwargs):
+            result = execute(self, cursor, statement, *args, **kwargs)
+            if not signalled and statement.lstrip().startswith("SELECT"):
+                signalled.append(statement)
+                os.kill(os.getpid(), signal.SIGTERM)  # its handler runs at the next bytecode: inside SQLAlchemy
+            return result
+        return signal_once
+
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    cli.stop_on_signals()
+    try:
+        with pytest.raises(Terminated), tracking.stage_run("baseline", cfg) as run_id:
+            for name in ("do_execute", "do_executemany"):
+                monkeypatch.setattr(DefaultDialect, name, signalling(getattr(DefaultDialect, name)))
+            tracking.log_epoch({"loss": 0.5}, epoch=1)
+            time.sleep(30)  # the signal, sent again, lands here
+    finally:
+        signal.signal(signal.SIGTERM, handlers[0])
+        signal.signal(signal.SIGINT, handlers[1])
+    run = MlflowClient(store).get_run(run_id)
+    assert signalled and run.info.status == "KILLED"
+    assert run.data.metrics == {"train_loss": 0.5}  # the interrupted write completed
 
 
 @pytest.mark.slow
