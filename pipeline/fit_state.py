@@ -8,6 +8,10 @@ temporary name and renamed; `state.json`'s rename is the commit. A kill before i
 state, whose files are still there (nothing is deleted before the commit); files no state names are removed when
 the state is read, and temporary files of a killed write when the next write of the same file begins
 (`pipeline.files.atomic_path`).
+
+What an epoch draws at random, the order of its batches and the draws of the model's random layers (augmentation,
+dropout), is a function of (seed, epoch) (`SeededBatches`, `SeedEpochs`), not of a stream that a new process starts
+again: a resumed fit trains its epochs on the draws an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from pipeline.files import atomic_path, write_json
 
@@ -119,3 +124,44 @@ def counted(callbacks: list[keras.callbacks.Callback]) -> list[keras.callbacks.C
 
 def _number(value) -> int | float:
     return value if isinstance(value, int) else float(keras.ops.convert_to_numpy(value))
+
+
+class SeededBatches(keras.utils.PyDataset):
+    """The training arrays in batches, shuffled by (seed, epoch): epoch k's order does not depend on how many epochs
+    this process trained before it. `SeedEpochs` sets the epoch."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int):
+        super().__init__()
+        self.x, self.y, self.batch_size, self.seed = x, y, batch_size, seed
+        self.epoch, self._order_epoch, self._order = 0, None, np.arange(len(y))
+
+    def __len__(self) -> int:
+        return -(-len(self.y) // self.batch_size)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._order_epoch != self.epoch:
+            self._order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.y))
+            self._order_epoch = self.epoch
+        batch = np.sort(self._order[index * self.batch_size:(index + 1) * self.batch_size])  # sorted: memory order
+        return self.x[batch], self.y[batch]
+
+
+SEED_STATE = "seed_generator_state"  # the variable of each `keras.random.SeedGenerator`: (seed, draws so far)
+DRAWS_PER_EPOCH = 2**20
+
+
+class SeedEpochs(keras.callbacks.Callback):
+    """At each epoch's start, sets the batches' epoch and moves every seed generator of the model to (its seed,
+    epoch * 2^20): Keras does not save their state with the weights, so a resumed fit would draw epoch k's
+    augmentations and dropout masks from the start of the stream."""
+
+    def __init__(self, batches: SeededBatches):
+        super().__init__()
+        self.batches = batches
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.batches.epoch = epoch
+        for variable in self.model.variables:
+            if variable.name == SEED_STATE:
+                seed = keras.ops.convert_to_numpy(variable)[0]
+                variable.assign(np.array([seed, epoch * DRAWS_PER_EPOCH], dtype=variable.dtype))

@@ -40,18 +40,21 @@ def predict_timed(predict, x: np.ndarray) -> tuple[np.ndarray, float]:
 def write_stage_outputs(stage: str, y_true: np.ndarray, y_prob: np.ndarray, classes: list[str], *,
                         images: np.ndarray, val_accuracy: float, fit_seconds: float, parameters: int,
                         images_per_second: float, history: list[dict[str, float]] | None = None,
+                        best_epoch: int | None = None,
                         explain: Callable[[Path, np.ndarray], None] | None = None,
                         hparams: dict[str, Any] | None = None, seeds: dict[str, Any] | None = None,
                         extra: dict[str, float] | None = None) -> dict[str, Any]:
     """Write metrics/<stage>.json and plots/<stage>/ (curves, confusion CSVs, every test prediction, the confusion
     analysis of `pipeline.analysis`, and what `explain` draws of the worst misclassified test images); log them to the
-    stage's MLflow run, whose id the metrics name. `seeds`: the spread over `train.seeds`, when the final model was
-    trained more than once (the model written is the first seed's); `extra`: further metrics, such as those of
-    test-time augmentation. Return the metrics."""
+    stage's MLflow run, whose id the metrics name. `best_epoch`: the index in `history` of the weights kept; `seeds`:
+    the spread over `train.seeds`, when the final model was trained more than once (the model written is the first
+    seed's); `extra`: further metrics, such as those of test-time augmentation. Return the metrics."""
     # key order is `dvc exp show`'s column order: validation, then test accuracy first
     metrics: dict[str, Any] = {"val_accuracy": val_accuracy, "test": evaluate(y_true, y_prob), **(extra or {})}
     if history:
         metrics["epochs"] = len(history)
+    if best_epoch is not None:
+        metrics["best_epoch"] = best_epoch + 1  # numbered as in history.csv: the epoch whose weights are kept
     metrics.update(fit_seconds=round(fit_seconds, 2), parameters=int(parameters),
                    inference_images_per_second=round(images_per_second, 1))
     if hparams:  # the values the model trained with for its searched settings: `dvc exp show` lists them

@@ -40,7 +40,16 @@ from pipeline.data.split import Arrays, Splits
 from pipeline.deps import code_digest
 from pipeline.evaluation import evaluate
 from pipeline.files import atomic_path, write_json
-from pipeline.fit_state import CommitEpoch, SaveTrainingState, counted, read_state, restore, save_weights
+from pipeline.fit_state import (
+    CommitEpoch,
+    SaveTrainingState,
+    SeededBatches,
+    SeedEpochs,
+    counted,
+    read_state,
+    restore,
+    save_weights,
+)
 from pipeline.gradcam import write_gradcam
 from pipeline.outputs import predict_timed, save_keras_model, write_stage_outputs
 from pipeline.paths import work_dir
@@ -151,9 +160,10 @@ class TrackEpochs(keras.callbacks.Callback):
 
 
 def fit(model: keras.Model, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
-        cfg: TrainConfig, work_dir: Path, fingerprint: str) -> FitResult:
+        cfg: TrainConfig, work_dir: Path, fingerprint: str, seed: int) -> FitResult:
     """Train a compiled model; resume from `work_dir` if an earlier run with the same fingerprint was cut short (its
-    last committed epoch: `pipeline.fit_state`). Ends with the best epoch's weights."""
+    last committed epoch: `pipeline.fit_state`), on the draws of an uninterrupted run (`seed`, epoch). Ends with
+    the best epoch's weights."""
     open_work_dir(work_dir, fingerprint)
     state = read_state(work_dir)
     if state.history:
@@ -171,14 +181,14 @@ def fit(model: keras.Model, train: tuple[np.ndarray, np.ndarray], val: tuple[np.
     # the order matters: the learning rate is read before a plateau lowers it, the training state saved after, the
     # averaged weights (ema: what validation scored) swapped in before the best weights are saved and committed
     commit = CommitEpoch(work_dir, state, MONITOR, counted(schedule))
-    callbacks = [_LogLearningRate(), TrackEpochs(), *schedule, SaveTrainingState(work_dir),
-                 *([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if cfg.ema else []), commit]
     n_classes = model.output_shape[-1]
+    batches = SeededBatches(*one_hot(train, n_classes), cfg.batch_size, seed)
+    callbacks = [SeedEpochs(batches), _LogLearningRate(), TrackEpochs(), *schedule, SaveTrainingState(work_dir),
+                 *([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if cfg.ema else []), commit]
     start = time.perf_counter()
     if not state.stopped:
-        model.fit(*one_hot(train, n_classes), validation_data=one_hot(val, n_classes), epochs=cfg.epochs,
-                  initial_epoch=len(state.history), batch_size=cfg.batch_size, shuffle=True, callbacks=callbacks,
-                  verbose=progress())
+        model.fit(batches, validation_data=one_hot(val, n_classes), epochs=cfg.epochs, initial_epoch=len(state.history),
+                  shuffle=False, callbacks=callbacks, verbose=progress())  # shuffled by (seed, epoch), not again
     seconds = time.perf_counter() - start
     state = commit.state
     if state.best is not None:
@@ -278,7 +288,7 @@ def train_and_test(stage: str, make_model: Callable[[int], keras.Model], seed: i
     with precision(cfg):
         model = make_model(seed)
     compile_model(model, cfg, len(data[0][1]))
-    result = fit(model, *data, cfg, directory or work_dir(stage) / "fit", key)
+    result = fit(model, *data, cfg, directory or work_dir(stage) / "fit", key, seed)
     return tested(stage, model, result, splits, trunk)
 
 
@@ -393,7 +403,8 @@ def write_outputs(stage: str, final: Final, splits: Splits, hparams: dict[str, A
         write_gradcam(dest / "gradcam.png", model, x_test[worst], y_test[worst], y_prob[worst], splits.classes)
 
     metrics = write_stage_outputs(stage, y_test, y_prob, splits.classes, images=x_test, explain=explain,
-                                  history=final.fit.history, val_accuracy=final.fit.val_accuracy,
+                                  history=final.fit.history, best_epoch=final.fit.best_epoch,
+                                  val_accuracy=final.fit.val_accuracy,
                                   fit_seconds=final.fit.fit_seconds, parameters=model.count_params(),
                                   images_per_second=final.images_per_second, hparams=hparams, seeds=spread,
                                   extra=extra)

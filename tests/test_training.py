@@ -10,6 +10,7 @@ import pytest
 
 from pipeline.data.split import load_splits
 from pipeline.fit_state import read_state
+from pipeline.models.augment import build_augmentation
 from pipeline.models.cnn import build_cnn_from
 from pipeline.paths import SPLIT_DIR, work_dir
 from pipeline.training import (
@@ -64,21 +65,21 @@ def test_interrupted_fit_resumes_from_the_last_finished_epoch(setup):
     cfg, splits, work = setup
     with pytest.raises(Interrupt):
         fit(with_callbacks(make_model(cfg, splits), StopAfter(2)), splits.train, splits.val, cfg.cnn.train, work,
-            fingerprint="a")
+            fingerprint="a", seed=0)
     assert len(read_state(work).history) == 2
 
     epochs_run = []
     counter = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: epochs_run.append(epoch))
     result = fit(with_callbacks(make_model(cfg, splits), counter), splits.train, splits.val, cfg.cnn.train, work,
-                 fingerprint="a")
+                 fingerprint="a", seed=0)
     assert epochs_run == [2, 3]  # epochs 0 and 1 are not trained again
     assert [row["epoch"] for row in result.history] == [0, 1, 2, 3]
 
 
 def test_state_of_other_settings_is_not_resumed(setup):
     cfg, splits, work = setup
-    fit(make_model(cfg, splits), splits.train, splits.val, cfg.cnn.train, work, fingerprint="a")
-    result = fit(make_model(cfg, splits), splits.train, splits.val, cfg.cnn.train, work, fingerprint="b")
+    fit(make_model(cfg, splits), splits.train, splits.val, cfg.cnn.train, work, fingerprint="a", seed=0)
+    result = fit(make_model(cfg, splits), splits.train, splits.val, cfg.cnn.train, work, fingerprint="b", seed=0)
     assert len(result.history) == 4
 
 
@@ -88,7 +89,7 @@ def test_best_epoch_weights_are_kept(setup, ema):
     cfg, splits, work = setup
     cfg.cnn.train.ema = ema
     model = make_model(cfg, splits)
-    result = fit(model, splits.train, splits.val, cfg.cnn.train, work, fingerprint="a")
+    result = fit(model, splits.train, splits.val, cfg.cnn.train, work, fingerprint="a", seed=0)
     _, accuracy = model.evaluate(*one_hot(splits.val, len(splits.classes)))
     best = max(row["val_accuracy"] for row in result.history)
     assert accuracy == pytest.approx(best, abs=1e-6)
@@ -113,15 +114,42 @@ def test_a_resumed_fit_keeps_the_best_weights_of_the_epochs_before_the_kill(setu
                       "cnn.search.enabled=false")
     with pytest.raises(Interrupt):
         fit(with_callbacks(make_model(cfg, splits), StopAfter(5)), splits.train, splits.val, cfg.cnn.train, work,
-            fingerprint="a")
+            fingerprint="a", seed=0)
     best_before = max(row["val_accuracy"] for row in read_state(work).history)
     model = with_callbacks(make_model(cfg, splits), ScrambleBeforeValidation())
-    result = fit(model, splits.train, splits.val, cfg.cnn.train, work, fingerprint="a")
+    result = fit(model, splits.train, splits.val, cfg.cnn.train, work, fingerprint="a", seed=0)
     last_two = [row["val_accuracy"] for row in result.history[5:]]
     assert max(last_two) < best_before - 0.2  # the condition this test guards: the last epochs are not the best
     assert result.best_epoch < 5 and result.history[result.best_epoch]["val_accuracy"] == best_before
     _, accuracy = model.evaluate(*one_hot(splits.val, len(splits.classes)), verbose=0)
     assert accuracy == pytest.approx(best_before, abs=1e-6)
+
+
+def test_a_resumed_fit_draws_what_an_uninterrupted_one_draws(setup):
+    """Epoch k's augmentations and dropout masks are drawn from (seed, k): a fit stopped after its first epoch and
+    resumed trains the next two as an uninterrupted fit does. Each fit builds its model after `set_random_seed`, so
+    its layers' random streams start afresh, as in a new process (fails if their state is not set per epoch; the
+    batch order across a new process: test_kill's fit test)."""
+    _, splits, work = setup
+    cfg = load_config("cnn.filters=4", "cnn.blocks=1", "cnn.dense_units=8", "cnn.dropout=0.3", "cnn.train.epochs=3",
+                      "cnn.train.batch_size=64", "cnn.search.enabled=false", "data.augment.flip=true",
+                      "data.augment.crop_px=2", "data.augment.erasing=0.2")
+
+    def run(directory, *callbacks):
+        keras.utils.set_random_seed(cfg.seed)
+        augmentation = build_augmentation(cfg.data.augment, cfg.seed, splits.image_shape)
+        model = build_cnn_from(cfg.cnn, splits.image_shape, len(splits.classes), augmentation=augmentation)
+        compile_model(model, cfg.cnn.train, len(splits.train[1]))
+        return fit(with_callbacks(model, *callbacks), splits.train, splits.val, cfg.cnn.train, directory,
+                   fingerprint="a", seed=cfg.seed)
+
+    uninterrupted = run(work / "uninterrupted")
+    with pytest.raises(Interrupt):
+        run(work / "resumed", StopAfter(1))
+    resumed = run(work / "resumed")
+    assert len(resumed.history) == 3
+    for row, reference in zip(resumed.history, uninterrupted.history, strict=True):
+        assert row == pytest.approx(reference, rel=1e-5, abs=1e-6)
 
 
 def test_a_resumed_fit_continues_the_early_stopping_and_plateau_counters(setup):
@@ -135,7 +163,7 @@ def test_a_resumed_fit_continues_the_early_stopping_and_plateau_counters(setup):
 
     def run(directory, *callbacks):
         return fit(with_callbacks(make_model(cfg, splits), *callbacks), splits.train, splits.val, cfg.cnn.train,
-                   directory, fingerprint="a")
+                   directory, fingerprint="a", seed=0)
 
     uninterrupted = run(work / "uninterrupted")
     with pytest.raises(Interrupt):
@@ -152,14 +180,14 @@ def test_a_fit_that_early_stopping_ended_is_not_trained_further(setup):
     cfg, splits, work = setup
     cfg.cnn.train.patience = 1
     state_file = work / "state.json"
-    result = fit(make_model(cfg, splits), splits.train, splits.val, cfg.cnn.train, work, fingerprint="a")
+    result = fit(make_model(cfg, splits), splits.train, splits.val, cfg.cnn.train, work, fingerprint="a", seed=0)
     state = json.loads(state_file.read_text())
     state["stopped"] = True  # as if early stopping had ended it after the epochs it trained
     state_file.write_text(json.dumps(state))
     epochs_run = []
     counter = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: epochs_run.append(epoch))
     again = fit(with_callbacks(make_model(cfg, splits), counter), splits.train, splits.val, cfg.cnn.train, work,
-                fingerprint="a")
+                fingerprint="a", seed=0)
     assert epochs_run == [] and again.history == result.history
 
 
