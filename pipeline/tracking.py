@@ -580,7 +580,9 @@ def log_comparison(experiment_id: str, name: str, tags: dict[str, str], metrics:
 
 
 def download(run_id: str, path: str, dest: Path) -> Path:
-    """One artifact of a run, copied into `dest`."""
+    """One artifact of a run, copied into `dest`; without MLflow's progress bar (unless the user sets
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR), which would break up the tables of compare and reproduce."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dest)))
     except (MlflowException, OSError):
