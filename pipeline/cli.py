@@ -53,10 +53,10 @@ REDELIVERY_S = 0.05
 
 
 def _interrupt(signum: int, frame) -> None:
-    """Raise the signal's exception, unless the main thread is inside SQLAlchemy: an exception raised there
-    abandons the query's SQLite connection with its transaction open (SQLAlchemy discards, without closing, a
-    connection that a BaseException interrupts), and the KILLED bookkeeping that follows waits on that lock for
-    ever. Then the signal is sent again a moment later, until it lands outside."""
+    """Raise the signal's exception, unless the main thread is inside SQLAlchemy: raised between a query's
+    execution and its fetch, it leaves SQLite's statement alive in the traceback's frames, and SQLite keeps the
+    closed connection, with its lock, until the statement is freed, so the KILLED bookkeeping that follows waits on
+    it. Then the signal is sent again a moment later, until it lands outside."""
     while frame is not None:
         if frame.f_globals.get("__name__", "").startswith(STORE_MODULES):
             threading.Timer(REDELIVERY_S, os.kill, (os.getpid(), signum)).start()

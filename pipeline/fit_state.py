@@ -133,7 +133,7 @@ class SeededBatches(keras.utils.PyDataset):
     def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int):
         super().__init__()
         self.x, self.y, self.batch_size, self.seed = x, y, batch_size, seed
-        self.epoch, self._order_epoch, self._order = 0, None, np.arange(len(y))
+        self.epoch, self._order_epoch, self._order = 0, None, None
 
     def __len__(self) -> int:
         return -(-len(self.y) // self.batch_size)

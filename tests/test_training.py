@@ -40,9 +40,10 @@ class StopAfter(keras.callbacks.Callback):
             raise Interrupt
 
 
-def make_model(cfg, splits):
+def make_model(cfg, splits, augmented: bool = False):
     keras.utils.set_random_seed(cfg.seed)
-    model = build_cnn_from(cfg.cnn, splits.image_shape, len(splits.classes))
+    augmentation = build_augmentation(cfg.data.augment, cfg.seed, splits.image_shape) if augmented else None
+    model = build_cnn_from(cfg.cnn, splits.image_shape, len(splits.classes), augmentation=augmentation)
     compile_model(model, cfg.cnn.train, len(splits.train[1]))
     return model
 
@@ -136,12 +137,8 @@ def test_a_resumed_fit_draws_what_an_uninterrupted_one_draws(setup):
                       "data.augment.crop_px=2", "data.augment.erasing=0.2")
 
     def run(directory, *callbacks):
-        keras.utils.set_random_seed(cfg.seed)
-        augmentation = build_augmentation(cfg.data.augment, cfg.seed, splits.image_shape)
-        model = build_cnn_from(cfg.cnn, splits.image_shape, len(splits.classes), augmentation=augmentation)
-        compile_model(model, cfg.cnn.train, len(splits.train[1]))
-        return fit(with_callbacks(model, *callbacks), splits.train, splits.val, cfg.cnn.train, directory,
-                   fingerprint="a", seed=cfg.seed)
+        return fit(with_callbacks(make_model(cfg, splits, augmented=True), *callbacks), splits.train, splits.val,
+                   cfg.cnn.train, directory, fingerprint="a", seed=cfg.seed)
 
     uninterrupted = run(work / "uninterrupted")
     with pytest.raises(Interrupt):
