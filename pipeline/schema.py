@@ -179,8 +179,8 @@ class TunerConfig:
 class EvaluationConfig:
     """How every Keras stage scores its final model (the validation split for choices, the test split once)."""
 
-    tta: bool = setting()  # also score with the horizontal flip averaged in (where `data.augment.flip`): logged
-    # as `*_tta` metrics beside the plain ones, which stay the stage's headline
+    tta: bool = setting()  # also score with the horizontal flip averaged in, for models trained with flips
+    # (`data.augment.flip`): logged as `*_tta` metrics beside the plain ones, which stay the stage's headline
 
 
 @dataclass

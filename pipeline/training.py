@@ -259,7 +259,7 @@ def run_keras_stage(stage: str, make_model: Callable[[int], keras.Model], cfg: T
     `make_model(s)` builds a fresh uncompiled model after `keras.utils.set_random_seed(s)`, for `s` the run's `seed`,
     or each of `cfg.seeds` (its own seeded layers, such as augmentation, take `s` too). With a frozen `trunk`, the
     model is a head trained on the trunk's features (computed once), and the model evaluated and saved is
-    trunk + head, on images. Where `tta_enabled(run)`, the final model is also scored with flip test-time
+    trunk + head, on images. Where `tta_enabled(run, model)`, the final model is also scored with flip test-time
     augmentation (`flip_tta`).
     Epochs are raised to `cfg.min_images` images seen (`budgeted`)."""
     train, val = (splits.train, splits.val) if trunk is None else frozen_features(trunk, splits, stage)
@@ -272,7 +272,7 @@ def run_keras_stage(stage: str, make_model: Callable[[int], keras.Model], cfg: T
         final, spread = train_and_test(stage, make_model, one, cfg, (train, val), splits, trunk, key), None
     else:
         final, spread = train_seeds(stage, make_model, cfg, (train, val), splits, trunk, key)
-    extra = flip_tta(final.model, splits, final.y_prob) if tta_enabled(run) else {}
+    extra = flip_tta(final.model, splits, final.y_prob) if tta_enabled(run, final.model) else {}
     metrics = write_outputs(stage, final, splits, hparams, spread, extra)
     clear_fit_state(stage)
     log.info("%s: test accuracy %.4f (val %.4f, best epoch %d of %d)", stage, metrics["test"]["accuracy"],
@@ -373,9 +373,18 @@ def seed_spread(records: list[SeedRecord]) -> dict[str, Any]:
             "test_accuracy": spread([r.test_accuracy for r in records])}
 
 
-def tta_enabled(cfg: Config) -> bool:
-    """Flip test-time augmentation: asked for by `evaluation.tta` and allowed by the data set (`data.augment.flip`)."""
-    return cfg.evaluation.tta and cfg.data.augment.flip
+def tta_enabled(cfg: Config, model: keras.Model) -> bool:
+    """Flip test-time augmentation: asked for by `evaluation.tta`, for a model that trained on mirror images (a
+    horizontal `RandomFlip` among its layers, there only where the data set allows flips, `data.augment.flip`).
+    A model that never saw a mirror image scores lower on them (cnn: 0.9244 plain, 0.9106 with flip TTA)."""
+    return cfg.evaluation.tta and trained_on_mirror_images(model)
+
+
+def trained_on_mirror_images(layer: keras.Layer) -> bool:
+    """Whether `layer` is or holds (at any depth) a horizontal flip augmentation."""
+    if isinstance(layer, keras.layers.RandomFlip):
+        return "horizontal" in layer.mode
+    return any(trained_on_mirror_images(inner) for inner in getattr(layer, "layers", ()))
 
 
 def flip_tta(model: keras.Model, splits: Splits, y_prob_test: np.ndarray) -> dict[str, float]:
