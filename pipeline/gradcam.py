@@ -20,6 +20,7 @@ import numpy as np
 from keras import layers, ops
 
 from pipeline.analysis import caption, plot_images
+from pipeline.models import nested_layers
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +96,7 @@ def write_gradcam(path: Path, model: keras.Model, images: np.ndarray, y_true: np
 
 def _computes_in_half_precision(layer: keras.Layer) -> bool:
     """Whether any layer, nested models' included, computes in bfloat16 or float16 (`train.precision`)."""
-    return layer.compute_dtype in ("bfloat16", "float16") or any(
-        _computes_in_half_precision(inner) for inner in getattr(layer, "layers", []))
+    return any(inner.compute_dtype in ("bfloat16", "float16") for inner in nested_layers(layer))
 
 
 def _spatial(tensor) -> bool:

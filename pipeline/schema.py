@@ -20,6 +20,7 @@ def setting(*, choices: tuple | None = None, ge=None, gt=None, le=None, lt=None,
 
 
 IDX_FILE_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
+PRECISIONS = ("float32", "mixed_bfloat16")  # Keras dtype policies: float32, or bfloat16 compute on float32 weights
 
 
 @dataclass
@@ -90,7 +91,7 @@ class TrainConfig:
     # from lr/25 before the cosine (one-cycle); other schedules have none
     label_smoothing: float = setting(ge=0.0, lt=1.0)
     ema: bool = setting()  # evaluate and keep an exponential moving average of the weights (momentum 0.99)
-    precision: str = setting(choices=("float32", "mixed_bfloat16"))  # mixed: bfloat16 compute, float32 weights
+    precision: str = setting(choices=PRECISIONS)  # mixed: bfloat16 compute, float32 weights
     patience: Optional[int] = setting(ge=1, optional=True)  # epochs without a better val_accuracy before stopping;
     # null: never stop early (a schedule that anneals to zero wants its last epochs)
     seeds: list[int] = setting(ge=0)  # []: one fit with the global `seed`; two or more: the final model once per
@@ -148,6 +149,7 @@ class TransferConfig:
     pooling: str = setting(choices=("avg", "flatten"))
     head_units: int = setting(ge=1)
     dropout: float = setting(ge=0.0, lt=1.0)
+    trunk_precision: str = setting(choices=PRECISIONS)  # the frozen trunk's, computing the features once
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
 

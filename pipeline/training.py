@@ -51,6 +51,7 @@ from pipeline.fit_state import (
     save_weights,
 )
 from pipeline.gradcam import write_gradcam
+from pipeline.models import nested_layers
 from pipeline.outputs import predict_timed, save_keras_model, write_stage_outputs
 from pipeline.paths import work_dir
 from pipeline.schema import Config, TrainConfig
@@ -104,14 +105,27 @@ def budgeted(cfg: TrainConfig, n_train: int) -> TrainConfig:
 
 
 @contextlib.contextmanager
-def precision(cfg: TrainConfig) -> Iterator[None]:
-    """Layers built inside take `cfg.precision` as their dtype policy (Keras' is process-wide: restored after)."""
+def precision(policy: str) -> Iterator[None]:
+    """Layers built inside take `policy` as their dtype policy (Keras' is process-wide: restored after)."""
     before = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(cfg.precision)
+    keras.mixed_precision.set_global_policy(policy)
     try:
         yield
     finally:
         keras.mixed_precision.set_global_policy(before)
+
+
+def compute_in(model: keras.Model, policy: str) -> keras.Model:
+    """`model` computing in `policy` as if built under it: a model loaded from a file (cnn_aug's cnn, finetune's
+    transfer model) keeps the policy it was saved with otherwise. Its output layer stays float32 (the softmax), as
+    the builders make it; the weights are float32 under every policy Keras has for training."""
+    output = model
+    while getattr(output, "layers", None):
+        output = output.layers[-1]
+    for layer in nested_layers(model):
+        if layer is not output:
+            layer.dtype_policy = policy
+    return model
 
 
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
@@ -233,7 +247,7 @@ def frozen_features(trunk: keras.Model, splits: Splits, stage: str) -> tuple[Arr
         if not path.is_file():
             start = time.perf_counter()
             with atomic_path(path) as tmp:
-                np.save(tmp, trunk.predict(x, batch_size=256, verbose=0))
+                np.save(tmp, np.asarray(trunk.predict(x, batch_size=256, verbose=0), np.float32))  # not bfloat16
             log.info("%s features %s in %.0f s", name, trunk.output_shape[1:], time.perf_counter() - start)
         out.append((np.load(path), y))
     return out[0], out[1]
@@ -285,8 +299,8 @@ def train_and_test(stage: str, make_model: Callable[[int], keras.Model], seed: i
                    directory: Path | None = None) -> Final:
     """One seed's fit (state in `directory`, by default the stage's `fit/`) and its model's test predictions."""
     keras.utils.set_random_seed(seed)
-    with precision(cfg):
-        model = make_model(seed)
+    with precision(cfg.precision):
+        model = compute_in(make_model(seed), cfg.precision)
     compile_model(model, cfg, len(data[0][1]))
     result = fit(model, *data, cfg, directory or work_dir(stage) / "fit", key, seed)
     return tested(stage, model, result, splits, trunk)
@@ -356,8 +370,8 @@ def reload_seed(stage: str, make_model: Callable[[int], keras.Model], cfg: Train
     """A finished seed's model, rebuilt and given its saved weights (the first seed's: the stage writes it out); its
     fit seconds are those of the run that fitted it."""
     keras.utils.set_random_seed(record.seed)
-    with precision(cfg):
-        model = make_model(record.seed)
+    with precision(cfg.precision):
+        model = compute_in(make_model(record.seed), cfg.precision)
     model.load_weights(directory / record.weights)
     history = read_state(directory).history
     return tested(stage, model, FitResult(history, record.fit_seconds, record.best_epoch), splits, trunk)
@@ -380,11 +394,10 @@ def tta_enabled(cfg: Config, model: keras.Model) -> bool:
     return cfg.evaluation.tta and trained_on_mirror_images(model)
 
 
-def trained_on_mirror_images(layer: keras.Layer) -> bool:
-    """Whether `layer` is or holds (at any depth) a horizontal flip augmentation."""
-    if isinstance(layer, keras.layers.RandomFlip):
-        return "horizontal" in layer.mode
-    return any(trained_on_mirror_images(inner) for inner in getattr(layer, "layers", ()))
+def trained_on_mirror_images(model: keras.Layer) -> bool:
+    """Whether `model` is or holds (at any depth) a horizontal flip augmentation."""
+    return any(isinstance(layer, keras.layers.RandomFlip) and "horizontal" in layer.mode
+               for layer in nested_layers(model))
 
 
 def flip_tta(model: keras.Model, splits: Splits, y_prob_test: np.ndarray) -> dict[str, float]:

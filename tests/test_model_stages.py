@@ -78,6 +78,21 @@ def test_cnn_aug_continues_from_the_cnn_model(split_data):
     assert [layer.name for layer in model.layers[1:]] == ["augmentation", "cnn"]
 
 
+@pytest.mark.parametrize(("cnn_precision", "aug_precision"), [("float32", "mixed_bfloat16"),
+                                                              ("mixed_bfloat16", "float32")])
+def test_cnn_aug_trains_the_loaded_cnn_model_in_its_own_precision(split_data, cnn_precision, aug_precision):
+    """A loaded model keeps the dtype policy it was saved with unless told otherwise: cnn_aug (and finetune, the
+    same fit loop) must compute in `train.precision`, its output (the softmax) in float32, as the builders make it."""
+    overrides = (*split_data_overrides(split_data), *SMALL_CNN, "cnn_aug.init=cnn",
+                 f"cnn.train.precision={cnn_precision}", f"cnn_aug.train.precision={aug_precision}")
+    cnn.run(load_config(*overrides))
+    cnn_aug.run(load_config(*overrides))
+    trained = keras.saving.load_model(model_dir("cnn_aug") / "model.keras", safe_mode=True).get_layer("cnn")
+    convs = [layer for layer in trained.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert convs and {layer.dtype_policy.name for layer in convs} == {aug_precision}
+    assert trained.layers[-1].compute_dtype == "float32"
+
+
 @pytest.mark.slow
 def test_transfer_then_finetune(split_data):
     """transfer trains only a head on the frozen hed-VGG16 trunk; finetune then trains only the top block."""
@@ -87,6 +102,8 @@ def test_transfer_then_finetune(split_data):
     fresh = build_trunk(cfg.transfer, load_splits(SPLIT_DIR).image_shape)
     for before, after in zip(fresh.get_weights(), trained.get_layer("trunk").get_weights(), strict=True):
         np.testing.assert_array_equal(before, after)  # frozen: the pretrained trunk is untouched
+    assert compute_dtypes(trained.get_layer("trunk")) == {"bfloat16"}  # transfer.trunk_precision: mixed_bfloat16
+    assert compute_dtypes(trained.get_layer("head")) == {"float32"}  # transfer.train.precision: float32
 
     check_keras_stage("finetune", finetune.run(cfg))
     tuned = keras.saving.load_model(model_dir("finetune") / "model.keras", safe_mode=True)
@@ -95,6 +112,15 @@ def test_transfer_then_finetune(split_data):
         np.array_equal(a, b) for a, b in zip(layer.get_weights(), fresh.get_layer("vgg16").get_layer(
             layer.name).get_weights(), strict=True))}
     assert changed == {"block3_conv1", "block3_conv2", "block3_conv3"}  # the top block of the cut trunk
+    head = tuned.get_layer("transfer").get_layer("head")
+    assert compute_dtypes(vgg) == compute_dtypes(head.layers[:-1]) == {"bfloat16"}  # finetune.train.precision
+    assert head.layers[-1].compute_dtype == "float32"  # the softmax
+
+
+def compute_dtypes(layers) -> set[str]:
+    """What the convolutions and dense layers among `layers` (or a model's) compute in."""
+    return {layer.compute_dtype for layer in getattr(layers, "layers", layers)
+            if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense))}
 
 
 def test_finetune_needs_the_transfer_model(split_data):
