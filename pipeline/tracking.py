@@ -489,11 +489,17 @@ def log_summary(values: dict[str, float], report: Path, tags: dict[str, str]) ->
 def register_champion(run_id: str, model_name: str, val_accuracy: float) -> str | None:
     """Register the run's logged model as a version of `model_name` (one registered model per data set) and move
     the alias `champion` to it if it beats the champion's validation accuracy on the same validation split. Return
-    the champion's version; None without an active run."""
+    the champion's version; None without an active run, or if this store does not hold the run (the stage's outputs
+    came from DVC's cache, made in a clone that tracked to another store)."""
     if mlflow.active_run() is None:
         return None
     client = mlflow.MlflowClient()
-    run = client.get_run(run_id)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        log.warning("run %s is not in this store (its stage's outputs came from DVC's cache, made where another "
+                    "store was used): its model is not registered", run_id)
+        return None
     models = [output.model_id for output in (run.outputs.model_outputs if run.outputs else [])]
     if not models:
         log.warning("run %s logged no model: nothing to register", run_id)

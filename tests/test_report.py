@@ -82,6 +82,17 @@ def test_a_skipped_stage_appears_as_reused_in_the_next_execution(two_stages, mon
     assert client.get_run(parent).data.metrics["test_accuracy/cnn"] == 1.0
 
 
+def test_a_stage_restored_from_another_store_leaves_the_champion_unregistered(two_stages, tmp_path):
+    """DVC's run cache (shared by clones, or pulled from a remote) restores a stage whose metrics name a run of
+    another MLflow store: the report still finishes, links what this store holds and registers nothing."""
+    _, ids = two_stages
+    other = load_config(f"tracking.uri=sqlite:///{tmp_path / 'other' / 'mlflow.db'}")
+    with tracking.stage_run("report", other):
+        summary = report.run(other)
+    assert summary["best"]["mlflow_run_id"] == ids["baseline"]
+    assert not MlflowClient(other.tracking.uri).search_registered_models()
+
+
 def test_report_needs_a_model_stage(workdir):
     with pytest.raises(DataError, match="run them first"):
         report.run(load_config())
