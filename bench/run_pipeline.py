@@ -146,8 +146,7 @@ def collect(times: dict[str, float], reference: dict[str, Any], default: dict[st
             "seconds": round(seconds, 1), "seconds_vs_reference": round(seconds / ref, 3),
             "fit_seconds": m.get("fit_seconds"), "epochs": m.get("epochs"), "target": target, "reached": reached,
             "anchor": dict(zip(("model", "test_accuracy"), ANCHORS[stage], strict=True)) if stage in ANCHORS else None}
-    scored = [(s["val_accuracy"], name) for name, s in stages.items() if s["val_accuracy"] is not None]
-    best = max(scored)[1] if scored else None  # chosen on validation, never on test
+    best = best_prediction(stages, ways=("",))  # the stages' plain predictions
     hparams = json.loads(best_hparams.read_text()) if best_hparams.is_file() else {}
     searched = hparams.get("source") == "search" and "cnn" in metrics
     search: dict[str, Any] = {
@@ -169,8 +168,7 @@ def collect(times: dict[str, float], reference: dict[str, Any], default: dict[st
         "pipeline_seconds": round(pipeline_seconds, 1), "smoke_seconds": None if smoke is None else round(smoke, 1),
         "no_op_repro_seconds": None if no_op is None else round(no_op, 1), "no_op_budget_seconds": NO_OP_SECONDS,
         "reference": reference, "stages": stages,
-        "best_stage": None if best is None else {"stage": best, "val_accuracy": stages[best]["val_accuracy"],
-                                                 "test_accuracy": stages[best]["test_accuracy"]},
+        "best_stage": best and {k: best[k] for k in ("stage", "val_accuracy", "test_accuracy")},
         "best_prediction": best_prediction(stages),
         "best_target": BEST_TARGET, "search": search,
         "ratios": {"pipeline_vs_reference": round(pipeline_seconds / ref, 3),
@@ -178,10 +176,11 @@ def collect(times: dict[str, float], reference: dict[str, Any], default: dict[st
         "budgets_vs_reference": {f"{k}_vs_reference": v for k, v in BUDGETS_VS_REFERENCE.items()}}
 
 
-def best_prediction(stages: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-    """The best way to predict among the stages, chosen on validation accuracy: a stage's plain predictions, or where
-    it logs them, those of the evaluation's flip TTA (`evaluation.tta`); with its test accuracy."""
-    options = [(s[f"val_accuracy{tta}"], name, tta) for name, s in stages.items() for tta in ("", "_tta")
+def best_prediction(stages: dict[str, dict[str, Any]], ways: tuple[str, ...] = ("", "_tta")) -> dict[str, Any] | None:
+    """The best way to predict among the stages, chosen on validation accuracy, never on test: a stage's plain
+    predictions (""), or where it logs them, those of the evaluation's flip TTA ("_tta", `evaluation.tta`); with its
+    test accuracy."""
+    options = [(s[f"val_accuracy{tta}"], name, tta) for name, s in stages.items() for tta in ways
                if s["val_accuracy"] is not None and s.get(f"val_accuracy{tta}") is not None]
     if not options:
         return None

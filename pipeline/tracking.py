@@ -250,10 +250,7 @@ def log_reused(stage: str, source_run_id: str, values: dict[str, float], cfg: Tr
     outputs (and carrying its accuracies); None when that run is of this execution (the stage did run)."""
     parent = execution_of_active_run()
     client = mlflow.MlflowClient()
-    try:
-        source = client.get_run(source_run_id)
-    except MlflowException:
-        source = None
+    source = stored_run(client, source_run_id)
     if parent is None or (source and source.data.tags.get("pipeline.execution_id") == execution_id()):
         return None
     tags = _inherited_tags(mlflow.active_run())
@@ -486,6 +483,15 @@ def log_summary(values: dict[str, float], report: Path, tags: dict[str, str]) ->
             mlflow.MlflowClient().set_tag(parent, key, value)
 
 
+def stored_run(client: mlflow.MlflowClient, run_id: str) -> mlflow.entities.Run | None:
+    """The run, or None if this store does not hold it (a stage's outputs restored from DVC's cache may name a run
+    of another clone's store)."""
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        return None
+
+
 def register_champion(run_id: str, model_name: str, val_accuracy: float) -> str | None:
     """Register the run's logged model as a version of `model_name` (one registered model per data set) and move
     the alias `champion` to it if it beats the champion's validation accuracy on the same validation split. Return
@@ -494,9 +500,7 @@ def register_champion(run_id: str, model_name: str, val_accuracy: float) -> str 
     if mlflow.active_run() is None:
         return None
     client = mlflow.MlflowClient()
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
+    if (run := stored_run(client, run_id)) is None:
         log.warning("run %s is not in this store (its stage's outputs came from DVC's cache, made where another "
                     "store was used): its model is not registered", run_id)
         return None
@@ -532,10 +536,9 @@ def register_champion(run_id: str, model_name: str, val_accuracy: float) -> str 
 
 def run_link(run_id: str, cfg: TrackingConfig) -> str | None:
     """The run's page in the UI (`make ui`, or the tracking server); None if the store does not know it."""
-    try:
-        experiment_id = mlflow.MlflowClient().get_run(run_id).info.experiment_id
-    except MlflowException:
+    if (run := stored_run(mlflow.MlflowClient(), run_id)) is None:
         return None
+    experiment_id = run.info.experiment_id
     uri = store_uri(cfg)
     base = uri if uri.startswith(("http://", "https://")) else f"http://{cfg.ui_host}:{cfg.ui_port}"
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"

@@ -18,7 +18,6 @@ best on the test split); its metrics add the seeds' mean and std.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -27,7 +26,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -104,21 +103,17 @@ def budgeted(cfg: TrainConfig, n_train: int) -> TrainConfig:
     return dataclasses.replace(cfg, epochs=max(cfg.epochs, math.ceil(cfg.min_images / n_train)))
 
 
-@contextlib.contextmanager
-def precision(policy: str) -> Iterator[None]:
-    """Layers built inside take `policy` as their dtype policy (Keras' is process-wide: restored after)."""
+def built_in(policy: str, build: Callable[[], keras.Model]) -> keras.Model:
+    """`build()`'s model computing in the dtype policy `policy`: built under it (Keras' global policy is process-wide:
+    restored after), and made to compute in it, which a model loaded from a file (cnn_aug's cnn, finetune's transfer
+    model) would not otherwise, keeping the policy it was saved with. Its output layer stays float32 (the softmax),
+    as the builders make it; the weights are float32 under every policy Keras has for training."""
     before = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(policy)
     try:
-        yield
+        model = build()
     finally:
         keras.mixed_precision.set_global_policy(before)
-
-
-def compute_in(model: keras.Model, policy: str) -> keras.Model:
-    """`model` computing in `policy` as if built under it: a model loaded from a file (cnn_aug's cnn, finetune's
-    transfer model) keeps the policy it was saved with otherwise. Its output layer stays float32 (the softmax), as
-    the builders make it; the weights are float32 under every policy Keras has for training."""
     output = model
     while getattr(output, "layers", None):
         output = output.layers[-1]
@@ -299,8 +294,7 @@ def train_and_test(stage: str, make_model: Callable[[int], keras.Model], seed: i
                    directory: Path | None = None) -> Final:
     """One seed's fit (state in `directory`, by default the stage's `fit/`) and its model's test predictions."""
     keras.utils.set_random_seed(seed)
-    with precision(cfg.precision):
-        model = compute_in(make_model(seed), cfg.precision)
+    model = built_in(cfg.precision, lambda: make_model(seed))
     compile_model(model, cfg, len(data[0][1]))
     result = fit(model, *data, cfg, directory or work_dir(stage) / "fit", key, seed)
     return tested(stage, model, result, splits, trunk)
@@ -370,8 +364,7 @@ def reload_seed(stage: str, make_model: Callable[[int], keras.Model], cfg: Train
     """A finished seed's model, rebuilt and given its saved weights (the first seed's: the stage writes it out); its
     fit seconds are those of the run that fitted it."""
     keras.utils.set_random_seed(record.seed)
-    with precision(cfg.precision):
-        model = compute_in(make_model(record.seed), cfg.precision)
+    model = built_in(cfg.precision, lambda: make_model(record.seed))
     model.load_weights(directory / record.weights)
     history = read_state(directory).history
     return tested(stage, model, FitResult(history, record.fit_seconds, record.best_epoch), splits, trunk)

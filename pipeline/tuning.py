@@ -102,7 +102,7 @@ def _search(stage, section, params, build, train, val, tuner_cfg, seed) -> dict[
     import keras
     import keras_tuner
 
-    from pipeline.training import TrackEpochs, compile_model, compute_in, one_hot, precision, progress
+    from pipeline.training import TrackEpochs, built_in, compile_model, one_hot, progress
 
     x, y = _subset(train, tuner_cfg.subset, seed)
     objective = keras_tuner.Objective(tuner_cfg.objective, "min" if tuner_cfg.objective.endswith("loss") else "max")
@@ -111,8 +111,7 @@ def _search(stage, section, params, build, train, val, tuner_cfg, seed) -> dict[
     class HyperModel(keras_tuner.HyperModel):
         def build(self, hp):
             candidate = apply(section, define(hp, params))
-            with precision(candidate.train.precision):
-                return compute_in(build(candidate), candidate.train.precision)
+            return built_in(candidate.train.precision, lambda: build(candidate))
 
         def fit(self, hp, model, x, y, validation_data, **kwargs):
             """Compiled here, for the epochs this round trains: a Hyperband round that continues a promoted trial's

@@ -82,14 +82,13 @@ def test_cnn_aug_trains_the_loaded_cnn_model_in_its_own_precision(split_data):
     """A loaded model keeps the dtype policy it was saved with unless told otherwise: cnn_aug (and finetune, the
     same fit loop) must compute in `train.precision`, its output (the softmax) in float32, as the builders make it.
     (The other way round, float32 to bfloat16, finetune does in test_transfer_then_finetune.)"""
-    aug_precision = "float32"
     overrides = (*split_data_overrides(split_data), *SMALL_CNN, "cnn_aug.init=cnn",
-                 "cnn.train.precision=mixed_bfloat16", f"cnn_aug.train.precision={aug_precision}")
+                 "cnn.train.precision=mixed_bfloat16", "cnn_aug.train.precision=float32")
     cnn.run(load_config(*overrides))
     cnn_aug.run(load_config(*overrides))
     trained = keras.saving.load_model(model_dir("cnn_aug") / "model.keras", safe_mode=True).get_layer("cnn")
     convs = [layer for layer in trained.layers if isinstance(layer, keras.layers.Conv2D)]
-    assert convs and {layer.dtype_policy.name for layer in convs} == {aug_precision}
+    assert convs and {layer.dtype_policy.name for layer in convs} == {"float32"}
     assert trained.layers[-1].compute_dtype == "float32"
 
 

@@ -18,15 +18,14 @@ from pipeline.outputs import fingerprint
 from pipeline.paths import SPLIT_DIR
 from pipeline.schema import Config
 from pipeline.search_space import trained_values
-from pipeline.training import frozen_features, precision, run_keras_stage
+from pipeline.training import built_in, frozen_features, run_keras_stage
 from pipeline.tuning import tune
 
 
 def run(cfg: Config) -> dict:
     keras.utils.set_random_seed(cfg.seed)
     splits = load_splits(SPLIT_DIR)
-    with precision(cfg.transfer.trunk_precision):
-        trunk = build_trunk(cfg.transfer, splits.image_shape)
+    trunk = built_in(cfg.transfer.trunk_precision, lambda: build_trunk(cfg.transfer, splits.image_shape))
 
     def build(section):
         return build_head(section, trunk.output_shape[1:], len(splits.classes))
