@@ -7,6 +7,7 @@ the reference's seconds in the same run (docs/decisions.md).
     python bench/run_pipeline.py                 # about an hour on 2 CPU cores
     python bench/run_pipeline.py --skip-extras   # only the reference, the pipeline and a no-op repro
     python bench/run_pipeline.py --smoke-only    # only the reference and the smoke profile: their ratio, printed
+    python bench/run_pipeline.py --tracking-only # only tracking's share of the baseline stage, printed
 
 It reruns every stage (`dvc repro --force`), so the repository's metrics/ and dvc.lock then hold this run:
 commit them with docs/benchmarks.md and docs/benchmarks.json.
@@ -20,6 +21,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +36,7 @@ BASELINE_TARGET, BEST_TARGET = 0.84, 0.94
 AUGMENT_GAIN, FINETUNE_GAIN, SEARCH_GAIN = 0.0, 0.01, 0.003  # cnn_aug > cnn; finetune >= transfer + 0.01; search
 DEFAULT_SEEDS = (1, 2, 3)  # the hand-set cnn's final fit, once per seed
 NO_OP_SECONDS = 3.0
+TRACKING_SHARE = 0.05  # tracking's cost, at most this share of a stage
 # Time budgets as ratios to the reference measured in the same run, never minutes: the old 30- and 3-minute
 # budgets over the 17 minutes the reference took on the machine they were set on (../shared/design.md section 10).
 BUDGETS_VS_REFERENCE = {"pipeline": 1.5, "smoke": 0.15}  # issue 11's targets
@@ -112,6 +115,27 @@ def smoke_seconds() -> float:
     return seconds
 
 
+def tracking_cost(repeats: int = 3) -> dict[str, Any]:
+    """Tracking's cost where it weighs most, on the shortest stage that trains (baseline, about 30 s; the Keras stages
+    run minutes): the stage as DVC runs it (its MLflow run with params, metrics, figures and model) against its
+    `run(cfg)` with no run (MLflow never imported), alternated in one scratch directory whose store an untimed first
+    run makes. Median seconds of each; `share`: the tracked run's seconds that tracking adds."""
+    untracked = "from pipeline import config; from pipeline.stages.baseline import run; run(config.load())"
+    tracked_command = (sys.executable, "-m", "pipeline.stages.baseline")
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in ("params.yaml", "data"):
+            (Path(tmp) / path).symlink_to(REPO / path)
+        env = {"PYTHONPATH": str(REPO)}
+        sh(*tracked_command, cwd=Path(tmp), env=env)
+        times: dict[str, list[float]] = {"tracked": [], "untracked": []}
+        for _ in range(repeats):
+            times["tracked"].append(sh(*tracked_command, cwd=Path(tmp), env=env))
+            times["untracked"].append(sh(sys.executable, "-c", untracked, cwd=Path(tmp), env=env))
+    tracked, alone = statistics.median(times["tracked"]), statistics.median(times["untracked"])
+    return {"stage": "baseline", "tracked_seconds": round(tracked, 2), "untracked_seconds": round(alone, 2),
+            "share": round((tracked - alone) / tracked, 3), "budget": TRACKING_SHARE, "repeats": repeats}
+
+
 def targets(reference: dict[str, Any], test: dict[str, float], seconds: dict[str, float]) -> dict[str, tuple]:
     """Issue 11's target per stage, as (what it asks, reached?), from this run's own numbers."""
     out: dict[str, tuple] = {}
@@ -128,10 +152,11 @@ def targets(reference: dict[str, Any], test: dict[str, float], seconds: dict[str
 
 
 def collect(times: dict[str, float], reference: dict[str, Any], default: dict[str, Any] | None, smoke: float | None,
-            no_op: float | None = None, metrics_dir: Path = REPO / "metrics",
+            no_op: float | None = None, tracking: dict[str, Any] | None = None, metrics_dir: Path = REPO / "metrics",
             best_hparams: Path = REPO / "models/cnn/best_hparams.json") -> dict[str, Any]:
     """Everything the benchmark measured, as the one dict that both docs/benchmarks.md and .json are made from.
-    `default`: the hand-set cnn's validation accuracy over seeds (`mean`, `std`, `per_seed`)."""
+    `default`: the hand-set cnn's validation accuracy over seeds (`mean`, `std`, `per_seed`); `tracking`:
+    `tracking_cost`'s."""
     ref = reference["seconds"]
     metrics = {s: json.loads(p.read_text()) for s in times if (p := metrics_dir / f"{s}.json").is_file()}
     test = {s: m["test"]["accuracy"] for s, m in metrics.items() if "test" in m}
@@ -167,6 +192,7 @@ def collect(times: dict[str, float], reference: dict[str, Any], default: dict[st
         "machine": machine(), "date": datetime.date.today().isoformat(), "command": "python bench/run_pipeline.py",
         "pipeline_seconds": round(pipeline_seconds, 1), "smoke_seconds": None if smoke is None else round(smoke, 1),
         "no_op_repro_seconds": None if no_op is None else round(no_op, 1), "no_op_budget_seconds": NO_OP_SECONDS,
+        "tracking": tracking,
         "reference": reference, "stages": stages,
         "best_stage": best and {k: best[k] for k in ("stage", "val_accuracy", "test_accuracy")},
         "best_prediction": best_prediction(stages),
@@ -253,6 +279,11 @@ def render(results: dict[str, Any]) -> str:
         no_op, budget = results["no_op_repro_seconds"], results["no_op_budget_seconds"]
         lines.append(f"- No-op `dvc repro` (nothing changed): {no_op:.1f} s (budget ≤ {budget:g} s: "
                      f"{'within' if no_op <= budget else 'over'}).")
+    if cost := results.get("tracking"):
+        lines.append(f"- Tracking's cost on the {cost['stage']} stage (the shortest that trains; median of "
+                     f"{cost['repeats']}): {cost['tracked_seconds']:.1f} s with its MLflow run against "
+                     f"{cost['untracked_seconds']:.1f} s without = {cost['share']:.1%} of the stage (budget ≤ "
+                     f"{cost['budget']:.0%}: {'within' if cost['share'] <= cost['budget'] else 'over'}).")
     return "\n".join(lines) + "\n"
 
 
@@ -282,8 +313,13 @@ def main() -> None:
     parser.add_argument("--skip-extras", action="store_true", help="only the reference, the pipeline and a no-op repro")
     parser.add_argument("--smoke-only", action="store_true",
                         help="only the reference and the smoke profile: their ratio, printed as JSON; docs/ untouched")
+    parser.add_argument("--tracking-only", action="store_true",
+                        help="only tracking's share of the baseline stage, printed as JSON; docs/ untouched")
     parser.add_argument("--out", type=Path, default=REPO / "docs/benchmarks.md", help="and .json beside it")
     args = parser.parse_args()
+    if args.tracking_only:
+        print(json.dumps(tracking_cost()))
+        return
     reference = run_reference()
     if args.smoke_only:
         smoke = smoke_seconds()
@@ -296,7 +332,8 @@ def main() -> None:
     no_op = no_op_seconds()
     smoke = None if args.skip_extras else smoke_seconds()
     default = None if args.skip_extras else default_cnn()
-    print(write_outputs(collect(times, reference, default, smoke, no_op), args.out))
+    tracking = None if args.skip_extras else tracking_cost()
+    print(write_outputs(collect(times, reference, default, smoke, no_op, tracking), args.out))
 
 
 if __name__ == "__main__":

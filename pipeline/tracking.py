@@ -24,21 +24,20 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import types
 import urllib.request
 import uuid
 import warnings
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import psutil
 import yaml
-from mlflow.exceptions import MlflowException
-from mlflow.models import Model, infer_signature
 from PIL import Image
 
 from pipeline.errors import PipelineError, Terminated
@@ -61,6 +60,21 @@ KIND_TAG = "pipeline.kind"  # stage, trial (of a tuner search), seed (one of `tr
 
 
 logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # four INFO lines per run otherwise
+
+
+class _Deferred:
+    """`mlflow`, imported on first use. Importing MLflow and its SQLite store costs 3-5 s (its own modules, pandas,
+    SQLAlchemy, alembic), the whole of a short stage; deferred, a stage imports it on the thread that opens its run
+    (`stage_run`) while it loads its data and trains, and a process that logs nothing never imports it. Two threads
+    that import it at once are safe: Python's per-module import lock makes the second wait for the first."""
+
+    def __getattr__(self, name: str) -> Any:
+        import mlflow as module
+
+        return getattr(module, name)
+
+
+mlflow: Any = _Deferred()
 
 
 class TrackingError(PipelineError):
@@ -98,7 +112,7 @@ def connect(cfg: Config) -> str:
             try:
                 return mlflow.create_experiment(name, artifact_location=location and Path(location).as_uri(),
                                                 tags=dict([EXPERIMENT_KIND]))
-            except MlflowException as e:  # a stage running beside this one (on a server: no lock) made it first
+            except mlflow.exceptions.MlflowException as e:  # made first by a stage beside this one (server: no lock)
                 experiment = mlflow.get_experiment_by_name(name)
                 if experiment is None:
                     raise TrackingError(f"cannot create experiment '{name}' in {uri}: "
@@ -111,31 +125,117 @@ def connect(cfg: Config) -> str:
     return experiment.experiment_id
 
 
+class StageRun:
+    """The MLflow run of one stage execution, opened on a thread of its own (`stage_run`) so that MLflow's imports and
+    store queries overlap the stage's data loading and training. The first tracking call of the main thread that
+    needs the run waits for it and makes it the active run there; calls that only add to it (`log_splits`) go to the
+    opening thread, in order, and never wait."""
+
+    def __init__(self, stage: str, cfg: Config):
+        self.cfg = cfg
+        self._pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tracking-{stage}")
+        self._jobs = [self._pool.submit(_open_stage_run, stage, cfg)]
+        self._ids: tuple[str, str] | None = None  # (execution run, stage run) once opened
+        self.active_here = False  # the main thread's active run
+
+    @property
+    def opening(self) -> bool:
+        return self._ids is None
+
+    @property
+    def id(self) -> str:
+        """The run's id (waits for the run to be opened)."""
+        return self.wait()[1]
+
+    def submit(self, job, *args) -> None:
+        """`job(*args)` on the opening thread, where the run is active, after everything submitted before it."""
+        self._jobs.append(self._pool.submit(job, *args))
+
+    def wait(self) -> tuple[str, str]:
+        """(execution run id, stage run id) once the run is open and every submitted job has run; raises what the
+        opening raised (an unusable store: `TrackingError`)."""
+        if self._ids is None:
+            try:
+                ids = self._jobs[0].result()
+                for job in self._jobs[1:]:
+                    job.result()
+            finally:
+                self._pool.shutdown(wait=True)
+            self._ids = ids
+        return self._ids
+
+    def activate(self) -> None:
+        """Make the run the active run of this (the main) thread, with system metrics if configured."""
+        run_id = self.wait()[1]
+        mlflow.set_system_metrics_sampling_interval(self.cfg.tracking.system_metrics_interval_s)
+        mlflow.start_run(run_id=run_id, log_system_metrics=self.cfg.tracking.system_metrics)
+        self.active_here = True
+
+
+_stage_run: StageRun | None = None  # the stage run of this process, while it is open
+
+
+def _active_run() -> mlflow.entities.Run | None:
+    """`mlflow.active_run()`; on the main thread, the stage run too once it is open (waiting for it to open)."""
+    run = _stage_run
+    if run is not None and not run.active_here and threading.current_thread() is threading.main_thread():
+        run.activate()
+    return mlflow.active_run()
+
+
 @contextlib.contextmanager
-def stage_run(stage: str, cfg: Config) -> Iterator[str]:
+def stage_run(stage: str, cfg: Config) -> Iterator[StageRun]:
     """One MLflow run around one execution of `stage`: a child of its pipeline execution's run, tagged, with the
     stage's params (but those a search space names, which the stage logs once it knows the values it trains with:
     `tuning.record`) and the composed config. It ends FINISHED, FAILED if the stage raises, KILLED if it is
-    interrupted; so does the execution's run. Runs of this machine left RUNNING by a killed process are closed first."""
-    experiment_id = connect(cfg)
-    close_orphans(experiment_id)
-    parent = open_execution(experiment_id, cfg)
-    tags = {**run_tags(stage, cfg), "mlflow.parentRunId": parent}
-    mlflow.set_system_metrics_sampling_interval(cfg.tracking.system_metrics_interval_s)
+    interrupted; so does the execution's run. Runs of this machine left RUNNING by a killed process are closed first.
+    The run is opened in the background (`StageRun`); an unreachable tracking server is named at once."""
+    global _stage_run
+    uri = store_uri(cfg.tracking)
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)  # one line before any work; a store's other faults surface at the first tracking call
+    run = _stage_run = StageRun(stage, cfg)
     status = "FAILED"
     try:
-        with _run(experiment_id=experiment_id, run_name=stage, tags=tags,
-                  log_system_metrics=cfg.tracking.system_metrics) as run_id:
-            deferred = space_keys(cfg)
-            mlflow.log_params({k: v for k, v in stage_params(stage, cfg).items() if k not in deferred})
-            mlflow.log_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), "config.yaml")
-            yield run_id
+        yield run
         status = "FINISHED"
     except INTERRUPTS:
         status = "KILLED"
         raise
     finally:
-        mlflow.MlflowClient().set_terminated(parent, status)
+        _stage_run = None
+        _close_stage_run(run, status)
+
+
+def _open_stage_run(stage: str, cfg: Config) -> tuple[str, str]:
+    """On the opening thread: the store, its orphans, the execution's run, then the stage's run, active on this
+    thread for the jobs submitted to it, with its params and config."""
+    experiment_id = connect(cfg)
+    close_orphans(experiment_id)
+    parent = open_execution(experiment_id, cfg)
+    tags = {**run_tags(stage, cfg), "mlflow.parentRunId": parent}
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags)
+    deferred = space_keys(cfg)
+    mlflow.log_params({k: v for k, v in stage_params(stage, cfg).items() if k not in deferred})
+    mlflow.log_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), "config.yaml")
+    return parent, run.info.run_id
+
+
+def _close_stage_run(run: StageRun, status: str) -> None:
+    """End the stage run and its execution's run with `status`; a run that never opened raises why, unless the stage
+    is already failing (its own error is the one to see)."""
+    try:
+        parent, run_id = run.wait()
+    except Exception:
+        if status == "FINISHED":
+            raise
+        log.warning("the stage's MLflow run did not open", exc_info=True)
+        return
+    if run.active_here:
+        mlflow.end_run(status)
+    else:  # the stage made no tracking call on the main thread
+        mlflow.MlflowClient().set_terminated(run_id, status)
+    mlflow.MlflowClient().set_terminated(parent, status)
 
 
 @contextlib.contextmanager
@@ -161,7 +261,7 @@ def seed_run(seed: int, fitted: bool = True) -> Iterator[str | None]:
 def _child_run(name: str, tags: dict[str, str], params: dict[str, Any]) -> Iterator[str | None]:
     """A run nested in the active stage run (or the one `attached` to), with the stage's tags, `tags` and `params`,
     owned by this process; nothing without a run."""
-    parent = mlflow.active_run() or _attached
+    parent = _active_run() or _attached
     if parent is None:
         yield None
         return
@@ -233,7 +333,7 @@ def open_execution(experiment_id: str, cfg: Config) -> str:
 
 def execution_of_active_run() -> str | None:
     """The execution run that the active stage run belongs to."""
-    run = mlflow.active_run()
+    run = _active_run()
     return run.data.tags.get("mlflow.parentRunId") if run else None
 
 
@@ -253,11 +353,11 @@ def log_reused(stage: str, source_run_id: str, values: dict[str, float], cfg: Tr
     source = stored_run(client, source_run_id)
     if parent is None or (source and source.data.tags.get("pipeline.execution_id") == execution_id()):
         return None
-    tags = _inherited_tags(mlflow.active_run())
+    tags = _inherited_tags(_active_run())
     link = run_link(source_run_id, cfg) if source else None
     note = (f"DVC skipped **{stage}** in this execution: its outputs are those of run "
             f"[{source_run_id[:8]}]({link or '#'}).")
-    run = client.create_run(mlflow.active_run().info.experiment_id, run_name=f"{stage} (reused)", tags={
+    run = client.create_run(_active_run().info.experiment_id, run_name=f"{stage} (reused)", tags={
         **tags, "pipeline.stage": stage, KIND_TAG: "reused", "pipeline.reused_from": source_run_id,
         "mlflow.parentRunId": parent, "mlflow.note.content": note})
     for name, value in values.items():
@@ -301,12 +401,12 @@ def _alive(pid_and_start: str) -> bool:
 
 
 def active_run_id() -> str | None:
-    run = mlflow.active_run()
+    run = _active_run()
     return run.info.run_id if run else None
 
 
 def active_experiment_id() -> str | None:
-    run = mlflow.active_run()
+    run = _active_run()
     return run.info.experiment_id if run else None
 
 
@@ -373,10 +473,16 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def log_splits(splits: dict[str, tuple[np.ndarray, np.ndarray]], source: Path) -> None:
-    """Each split as an MLflow dataset input, named after the data set, with the digest of its arrays."""
+    """Each split as an MLflow dataset input, named after the data set, with the digest of its arrays. Called as a
+    stage loads its data, before its run may be open: then the opening thread logs them, and the stage goes on."""
+    if _stage_run is not None and _stage_run.opening:
+        _stage_run.submit(_log_splits, splits, source)
+    elif _active_run() is not None:
+        _log_splits(splits, source)
+
+
+def _log_splits(splits: dict[str, tuple[np.ndarray, np.ndarray]], source: Path) -> None:
     run = mlflow.active_run()
-    if run is None:
-        return
     name = run.data.tags.get("pipeline.data", "data")
     for split, (x, y) in splits.items():
         with warnings.catch_warnings():  # MLflow registers two sources for local paths, and says so each time
@@ -404,12 +510,12 @@ def log_epoch(logs: dict[str, float], epoch: int) -> None:
     """One epoch's train_/val_ loss and accuracy and learning rate, at step `epoch` (1 = the first). A store that
     stays busy beyond the retries costs the epoch's metrics in MLflow (a warning says so), never the fit: the
     history is in the fit's state and the stage's plots either way."""
-    if mlflow.active_run() is None:
+    if _active_run() is None:
         return
     named = {k if k.startswith("val_") or k == "learning_rate" else f"train_{k}": float(v) for k, v in logs.items()}
     try:
         retry_busy(lambda: mlflow.log_metrics(named, step=epoch))
-    except MlflowException as e:
+    except mlflow.exceptions.MlflowException as e:
         log.warning("epoch %d's metrics not logged to MLflow (%s); the fit goes on", epoch, e.message.splitlines()[0])
 
 
@@ -419,7 +525,7 @@ def retry_busy(write, attempts: int = 6, first_wait_s: float = 1.0):
     for attempt in range(attempts):
         try:
             return write()
-        except MlflowException as e:
+        except mlflow.exceptions.MlflowException as e:
             if e.error_code != "TEMPORARILY_UNAVAILABLE" or attempt == attempts - 1:
                 raise
             wait = first_wait_s * 2**attempt
@@ -430,7 +536,7 @@ def retry_busy(write, attempts: int = 6, first_wait_s: float = 1.0):
 
 def log_results(metrics: dict[str, Any], per_class: dict[str, dict[str, float]], plots: Path) -> None:
     """Test metrics, per-class precision/recall/F1, figures and tables of plots/<stage>/ (under analysis/)."""
-    if mlflow.active_run() is None:
+    if _active_run() is None:
         return
     values = {f"test_{k}": v for k, v in metrics["test"].items()}
     values.update({k: v for k, v in metrics.items() if k != "test" and isinstance(v, int | float)})
@@ -439,7 +545,7 @@ def log_results(metrics: dict[str, Any], per_class: dict[str, dict[str, float]],
         safe = re.sub(r"[^\w\-. ]", "_", name)
         values.update({f"test_{m}/{safe}": scores[m] for m in ("precision", "recall", "f1")})
     mlflow.log_metrics(values)
-    log_ladder(mlflow.active_run().data.tags.get("pipeline.stage", "stage"),
+    log_ladder(_active_run().data.tags.get("pipeline.stage", "stage"),
                {"val_accuracy": metrics["val_accuracy"], "test_accuracy": metrics["test"]["accuracy"]})
     mlflow.log_artifacts(str(plots), "analysis")
     image = plots / "confusion_matrix.png"
@@ -449,7 +555,7 @@ def log_results(metrics: dict[str, Any], per_class: dict[str, dict[str, float]],
 
 def log_keras_model(model, example: np.ndarray) -> None:
     """The Keras model, with its signature and an input example, as the run's logged model."""
-    if mlflow.active_run() is None:
+    if _active_run() is None:
         return
     import keras  # the caller's: only Keras stages get here
 
@@ -457,23 +563,24 @@ def log_keras_model(model, example: np.ndarray) -> None:
     requirements = [f"keras=={keras.__version__}", f"{backend}=={importlib.metadata.version(backend)}"]
     # mlflow#16183: the Keras flavour writes the input example before it makes the model's directory
     flavor = types.SimpleNamespace(__name__="mlflow.keras", save_model=_save_keras_model)
-    Model.log(artifact_path=None, name="model", flavor=flavor, model=model, input_example=example,
-              signature=infer_signature(example, model.predict(example, verbose=0)), pip_requirements=requirements)
+    signature = mlflow.models.infer_signature(example, model.predict(example, verbose=0))
+    mlflow.models.Model.log(artifact_path=None, name="model", flavor=flavor, model=model, input_example=example,
+                            signature=signature, pip_requirements=requirements)
 
 
 def log_sklearn_model(model, example: np.ndarray) -> None:
     """The scikit-learn model (skops format), with its signature and an input example."""
-    if mlflow.active_run() is None:
+    if _active_run() is None:
         return
     mlflow.sklearn.log_model(model, name="model", input_example=example, pyfunc_predict_fn="predict_proba",
-                             signature=infer_signature(example, model.predict_proba(example)),
+                             signature=mlflow.models.infer_signature(example, model.predict_proba(example)),
                              pip_requirements=mlflow.sklearn.get_default_pip_requirements(include_skops=True))
 
 
 def log_summary(values: dict[str, float], report: Path, tags: dict[str, str]) -> None:
     """The report stage's numbers, its markdown report and tags (the best stage and run), the tags also on the
     execution's run."""
-    if mlflow.active_run() is None:
+    if _active_run() is None:
         return
     mlflow.log_metrics(values)
     mlflow.log_artifact(str(report))
@@ -488,7 +595,7 @@ def stored_run(client: mlflow.MlflowClient, run_id: str) -> mlflow.entities.Run 
     of another clone's store)."""
     try:
         return client.get_run(run_id)
-    except MlflowException:
+    except mlflow.exceptions.MlflowException:
         return None
 
 
@@ -497,7 +604,7 @@ def register_champion(run_id: str, model_name: str, val_accuracy: float) -> str 
     the alias `champion` to it if it beats the champion's validation accuracy on the same validation split. Return
     the champion's version; None without an active run, or if this store does not hold the run (the stage's outputs
     came from DVC's cache, made in a clone that tracked to another store)."""
-    if mlflow.active_run() is None:
+    if _active_run() is None:
         return None
     client = mlflow.MlflowClient()
     if (run := stored_run(client, run_id)) is None:
@@ -509,7 +616,7 @@ def register_champion(run_id: str, model_name: str, val_accuracy: float) -> str 
         log.warning("run %s logged no model: nothing to register", run_id)
         return None
     val_digest = next((d.dataset.digest for d in run.inputs.dataset_inputs if d.dataset.name.endswith("-val")), "")
-    with contextlib.suppress(MlflowException):  # made by the first registration only
+    with contextlib.suppress(mlflow.exceptions.MlflowException):  # made by the first registration only
         client.create_registered_model(model_name, description="The best stage of each pipeline execution, chosen "
                                        "on the validation split; alias `champion` marks the best so far.")
     versions = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
@@ -519,7 +626,7 @@ def register_champion(run_id: str, model_name: str, val_accuracy: float) -> str 
             "stage": run.data.tags.get("pipeline.stage", ""), "pipeline.execution_id": execution_id()})
     try:
         champion = client.get_model_version_by_alias(model_name, "champion")
-    except MlflowException:
+    except mlflow.exceptions.MlflowException:
         champion = None
     if champion is None or (champion.tags.get("val_digest") == val_digest
                             and float(champion.tags.get("val_accuracy", "-1")) < val_accuracy):
@@ -552,7 +659,7 @@ def find_run(ref: str, experiment_id: str) -> mlflow.entities.Run:
     if RUN_ID.fullmatch(ref):
         try:
             return client.get_run(ref)
-        except MlflowException:
+        except mlflow.exceptions.MlflowException:
             raise TrackingError(f"no run {ref} in {mlflow.get_tracking_uri()}") from None
     if not re.fullmatch(r"\w+", ref):
         raise TrackingError(f"'{ref}' is neither a run id (32 hex digits) nor a stage name")
@@ -594,7 +701,7 @@ def download(run_id: str, path: str, dest: Path) -> Path:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dest)))
-    except (MlflowException, OSError):
+    except (mlflow.exceptions.MlflowException, OSError):
         raise TrackingError(f"run {run_id} has no artifact {path}") from None
 
 
@@ -606,7 +713,7 @@ def tag_run(run_id: str, tags: dict[str, str]) -> mlflow.entities.Run:
         for key, value in tags.items():
             client.set_tag(run_id, key, value)
         return client.get_run(run_id)
-    except MlflowException:
+    except mlflow.exceptions.MlflowException:
         raise TrackingError(f"no run {run_id} in {mlflow.get_tracking_uri()}") from None
 
 
@@ -680,33 +787,33 @@ def _git(*args: str) -> str | None:
 
 def log_params(values: dict[str, Any]) -> None:
     """Params the stage knows only once it runs (such as the epochs its budget came to), on the active run."""
-    if mlflow.active_run() is not None:
+    if _active_run() is not None:
         retry_busy(lambda: mlflow.log_params(values))
 
 
 def log_trained_params(values: dict[str, Any], source: str) -> None:
     """The values a stage trains with for its searched settings, as its params, and their source as a tag."""
-    if mlflow.active_run() is not None:
+    if _active_run() is not None:
         mlflow.log_params(values)
         mlflow.set_tag("pipeline.params_source", source)
 
 
 def log_trial_score(score: float) -> None:
     """A tuner trial's score (its best objective value), on the active trial run."""
-    if mlflow.active_run() is not None:
+    if _active_run() is not None:
         mlflow.log_metric("score", score)
 
 
 def log_seed_result(val_accuracy: float, test_accuracy: float) -> None:
     """One seed's best-epoch validation accuracy and its final model's test accuracy, on the active seed run (named
     as on stage runs: `val_accuracy` is the per-epoch series there)."""
-    if mlflow.active_run() is not None:
+    if _active_run() is not None:
         mlflow.log_metrics({"best_val_accuracy": val_accuracy, "test_accuracy": test_accuracy})
 
 
 def log_seed_spread(spread: dict[str, Any]) -> None:
     """The seeds' mean and sample std of val and test accuracy, and their count, on the active stage run."""
-    if mlflow.active_run() is not None:
+    if _active_run() is not None:
         values = {f"seeds_{split}_{stat}": spread[split][stat] for split in ("val_accuracy", "test_accuracy")
                   for stat in ("mean", "std")}
         mlflow.log_metrics({**values, "seeds_count": len(spread["values"])})
@@ -714,13 +821,13 @@ def log_seed_spread(spread: dict[str, Any]) -> None:
 
 def log_artifacts(directory: Path, artifact_path: str) -> None:
     """A directory of files into the active run, under `artifact_path`."""
-    if mlflow.active_run() is not None:
+    if _active_run() is not None:
         mlflow.log_artifacts(str(directory), artifact_path)
 
 
 def log_importance(shares: dict[str, float], note: str) -> None:
     """A search's hyperparameter importance shares as metrics `importance/<name>` and its note (how far to trust
     them) as tag `search.importance_note`, on the active stage run."""
-    if mlflow.active_run() is not None:
+    if _active_run() is not None:
         mlflow.log_metrics({f"importance/{name}": share for name, share in shares.items()})
         mlflow.set_tag("search.importance_note", note)

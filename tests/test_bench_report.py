@@ -44,8 +44,10 @@ def write_metrics(directory: Path) -> Path:
 def results(bench: ModuleType, tmp_path: Path) -> dict:
     hparams = write_metrics(tmp_path / "metrics")
     default = {"mean": 0.930, "std": 0.0015, "per_seed": [0.9285, 0.9300, 0.9315]}
-    return bench.collect(TIMES, REFERENCE, default=default, smoke=120.0, no_op=1.4, metrics_dir=tmp_path / "metrics",
-                         best_hparams=hparams)
+    tracking = {"stage": "baseline", "tracked_seconds": 31.0, "untracked_seconds": 30.0, "share": 0.032,
+                "budget": 0.05, "repeats": 3}
+    return bench.collect(TIMES, REFERENCE, default=default, smoke=120.0, no_op=1.4, tracking=tracking,
+                         metrics_dir=tmp_path / "metrics", best_hparams=hparams)
 
 
 def test_results_hold_the_keys_machines_read(results: dict) -> None:
@@ -88,6 +90,7 @@ def test_markdown_states_times_as_ratios_to_the_reference(bench: ModuleType, res
     assert "Best stage, chosen on validation accuracy: cnn" in text
     assert "0.9320 vs 0.9300 (mean of seeds [1, 2, 3]) = +0.0020" in text and "spread (std) 0.0015" in text
     assert "No-op `dvc repro` (nothing changed): 1.4 s (budget ≤ 3 s: within)" in text
+    assert "31.0 s with its MLflow run against 30.0 s without = 3.2% of the stage (budget ≤ 5%: within)" in text
     assert "budget 30 min" not in text and "min (budget" not in text  # no absolute budget
 
 

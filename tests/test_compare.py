@@ -179,11 +179,11 @@ def test_hand_made_stage_runs_then_one_from_before_test_predictions(workdir, sto
     images = np.zeros((10, 4, 4, 1), dtype=np.uint8)
     ids = []
     for stage, y_prob in (("baseline", Y_PROB), ("cnn", np.eye(3)[Y_TRUE] * 0.9 + 0.1 / 3)):
-        with tracking.stage_run(stage, cfg) as run_id:
+        with tracking.stage_run(stage, cfg) as opened:
             tracking.log_splits({"test": (images, Y_TRUE)}, workdir / "data" / "split")  # as load_splits does
             write_stage_outputs(stage, Y_TRUE, y_prob, TEST_CLASSES, images=images, val_accuracy=0.5,
                                 fit_seconds=1.0, parameters=10, images_per_second=100.0)
-        ids.append(run_id)
+        ids.append(opened.id)
     out = tmp_path / "compare"
     capsys.readouterr()
     assert compare.main(["baseline", "cnn", f"tracking.uri={store}", "--out", str(out)]) == 0
@@ -214,10 +214,10 @@ def test_a_stage_name_is_the_run_that_made_the_workspace_outputs_else_the_latest
     cfg = load_config(f"tracking.uri={store}")
     ids, outputs = [], []
     for _ in range(2):
-        with tracking.stage_run("cnn", cfg) as run_id:
+        with tracking.stage_run("cnn", cfg) as opened:
             write_stage_outputs("cnn", Y_TRUE, Y_PROB, TEST_CLASSES, images=np.zeros((10, 4, 4, 1), dtype=np.uint8),
                                 val_accuracy=0.5, fit_seconds=1.0, parameters=10, images_per_second=100.0)
-        ids.append(run_id)
+        ids.append(opened.id)
         outputs.append((METRICS_DIR / "cnn.json").read_text())
     experiment = tracking.connect(cfg)
     (METRICS_DIR / "cnn.json").write_text(outputs[0])

@@ -98,13 +98,13 @@ def test_no_forest_is_fit_on_two_trials_or_a_constant_score(n, score, note):
 def test_the_search_folder_and_the_stage_run_hold_the_importance(workdir, tmp_path, monkeypatch):
     monkeypatch.setenv(tracking.EXECUTION_ID_ENV, "test")
     store = f"sqlite:///{tmp_path / 'store.db'}"
-    with tracking.stage_run("cnn", load_config(f"tracking.uri={store}")) as run_id:
+    with tracking.stage_run("cnn", load_config(f"tracking.uri={store}")) as opened:
         _write_trials("cnn", trials(30, by_lr), [LR, FILTERS], "val_accuracy", "max", seed=0)
     with (model_dir("cnn") / "search" / "importance.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert [r["hyperparameter"] for r in rows] == ["lr", "filters"]  # most important first
     assert float(rows[0]["importance"]) > 0.8 and float(rows[0]["std"]) >= 0
     assert (model_dir("cnn") / "search" / "trials.png").is_file()
-    run = MlflowClient(store).get_run(run_id)
+    run = MlflowClient(store).get_run(opened.id)
     assert run.data.metrics["importance/lr"] == pytest.approx(float(rows[0]["importance"]))
     assert run.data.tags["search.importance_note"] == "permutation importance of a random forest on 30 trials"

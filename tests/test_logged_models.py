@@ -98,9 +98,9 @@ def logged_models(split_data, store) -> dict[str, str]:
                       "transfer.head_units=16", "finetune.augment=true")
     uris = {}
     for name, stage in STAGES.items():
-        with tracking.stage_run(name, cfg) as run_id:
+        with tracking.stage_run(name, cfg) as opened:
             stage.run(cfg)
-        [output] = MlflowClient(store).get_run(run_id).outputs.model_outputs
+        [output] = MlflowClient(store).get_run(opened.id).outputs.model_outputs
         uris[name] = f"models:/{output.model_id}"
     return uris
 

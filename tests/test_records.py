@@ -40,18 +40,18 @@ def runs_of(store: str, query: str = "") -> list:
 @pytest.mark.slow
 def test_a_searched_stage_logs_the_values_it_trained_with(split_data, store, tmp_path):
     cfg = load_config(*split_data_overrides(split_data), *SEARCHED_CNN, f"tracking.uri={store}")
-    with tracking.stage_run("cnn", cfg) as cnn_id:
+    with tracking.stage_run("cnn", cfg) as cnn_opened:
         metrics = cnn.run(cfg)
     best = json.loads((model_dir("cnn") / "best_hparams.json").read_text())
     trained = {"cnn.filters": best["values"]["filters"], "cnn.train.lr": best["values"]["lr"]}
     assert best["source"] == "search" and best["trained"] == trained
-    run = MlflowClient(store).get_run(cnn_id)
+    run = MlflowClient(store).get_run(cnn_opened.id)
     assert run.data.tags["pipeline.params_source"] == "search"
     assert {k: run.data.params[k] for k in trained} == {k: str(v) for k, v in trained.items()}
     assert run.data.params["cnn.blocks"] == "2"  # not searched: the configured value
     # the configured values and the space stay visible: in config.yaml, and the space as params
-    configured = yaml.safe_load(Path(MlflowClient(store).download_artifacts(cnn_id, "config.yaml", str(tmp_path)))
-                                .read_text())
+    config_file = MlflowClient(store).download_artifacts(cnn_opened.id, "config.yaml", str(tmp_path))
+    configured = yaml.safe_load(Path(config_file).read_text())
     assert configured["cnn"]["filters"] == cfg.cnn.filters and configured["cnn"]["search"]["space"]["filters"]
     assert run.data.params["cnn.search.space.filters.choice"] == "[4, 8]"
     # ... and `dvc exp show` shows the trained values: they are in the stage's metrics file
@@ -60,11 +60,11 @@ def test_a_searched_stage_logs_the_values_it_trained_with(split_data, store, tmp
     # cnn_aug trains the cnn stage's searched architecture (built from best_hparams.json, not loaded), and says so
     aug_cfg = load_config(*split_data_overrides(split_data), *SEARCHED_CNN, "cnn_aug.init=scratch",
                           "cnn_aug.train.epochs=1", f"tracking.uri={store}")
-    with tracking.stage_run("cnn_aug", aug_cfg) as aug_id:
+    with tracking.stage_run("cnn_aug", aug_cfg) as aug_opened:
         aug_metrics = cnn_aug.run(aug_cfg)
     assert aug_metrics["parameters"] == metrics["parameters"]
     assert cnn_aug_widest_conv() == trained["cnn.filters"] * 2  # cnn.blocks=2: the second block doubles the first's
-    aug = MlflowClient(store).get_run(aug_id)
+    aug = MlflowClient(store).get_run(aug_opened.id)
     assert aug.data.params["cnn.filters"] == str(trained["cnn.filters"])
     assert aug.data.tags["pipeline.params_source"] == "search"
 
@@ -79,9 +79,9 @@ def cnn_aug_widest_conv() -> int:
 
 def test_without_a_search_the_configured_values_are_logged_as_such(split_data, store):
     cfg = load_config(*split_data_overrides(split_data), *SMALL_CNN, f"tracking.uri={store}")
-    with tracking.stage_run("cnn", cfg) as cnn_id:
+    with tracking.stage_run("cnn", cfg) as cnn_opened:
         cnn.run(cfg)
-    run = MlflowClient(store).get_run(cnn_id)
+    run = MlflowClient(store).get_run(cnn_opened.id)
     assert run.data.tags["pipeline.params_source"] == "config"
     assert run.data.params["cnn.filters"] == "8" and run.data.params["cnn.train.lr"] == str(cfg.cnn.train.lr)
     # every key DVC tracks for the stage is a param: none deferred and forgotten
@@ -185,7 +185,8 @@ def test_a_stop_that_lands_inside_a_store_query_lets_the_query_end(store, monkey
     handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     cli.stop_on_signals()
     try:
-        with pytest.raises(Terminated), tracking.stage_run("baseline", cfg) as run_id:
+        with pytest.raises(Terminated), tracking.stage_run("baseline", cfg) as opened:
+            tracking.active_run_id()  # the run open and active here: the statements patched below are the epoch's
             for name in ("do_execute", "do_executemany"):
                 monkeypatch.setattr(DefaultDialect, name, signalling(getattr(DefaultDialect, name)))
             tracking.log_epoch({"loss": 0.5}, epoch=1)
@@ -193,7 +194,7 @@ def test_a_stop_that_lands_inside_a_store_query_lets_the_query_end(store, monkey
     finally:
         signal.signal(signal.SIGTERM, handlers[0])
         signal.signal(signal.SIGINT, handlers[1])
-    run = MlflowClient(store).get_run(run_id)
+    run = MlflowClient(store).get_run(opened.id)
     assert signalled and run.info.status == "KILLED"
     assert run.data.metrics == {"train_loss": 0.5}  # the interrupted write completed
 
@@ -218,10 +219,10 @@ def test_runs_of_a_sigkilled_stage_are_closed_by_the_next_run(split_data, store,
 def test_stage_runs_carry_system_metrics(split_data, store):
     cfg = load_config(*split_data_overrides(split_data), f"tracking.uri={store}",
                       "tracking.system_metrics_interval_s=1")
-    with tracking.stage_run("baseline", cfg) as run_id:
+    with tracking.stage_run("baseline", cfg) as opened:
         baseline.run(cfg)
         time.sleep(2.5)  # the monitor logs a sample a second
-    metrics = MlflowClient(store).get_run(run_id).data.metrics
+    metrics = MlflowClient(store).get_run(opened.id).data.metrics
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics)
 
 
@@ -229,9 +230,9 @@ def test_the_champion_moves_only_to_a_better_run_on_the_same_validation_split(sp
     cfg = load_config(*split_data_overrides(split_data), f"tracking.uri={store}")
     ids = []
     for _ in range(3):
-        with tracking.stage_run("baseline", cfg) as run_id:
+        with tracking.stage_run("baseline", cfg) as opened:
             baseline.run(cfg)
-        ids.append(run_id)
+        ids.append(opened.id)
     client = MlflowClient(store)
     with tracking.stage_run("report", cfg):
         assert tracking.register_champion(ids[0], "fashion_mnist", 0.80) == "1"

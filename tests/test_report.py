@@ -29,16 +29,17 @@ def two_stages(workdir, tmp_path, monkeypatch):
     images = np.zeros((10, 4, 4, 1), dtype=np.uint8)
     ids = {}
     for stage, y_prob, val in (("baseline", Y_PROB, 0.9), ("cnn", PERFECT, 0.5)):
-        with tracking.stage_run(stage, cfg) as ids[stage]:
+        with tracking.stage_run(stage, cfg) as opened:
             tracking.log_splits({"test": (images, Y_TRUE)}, workdir / "data" / "split")  # as load_splits does
             write_stage_outputs(stage, Y_TRUE, y_prob, CLASSES, images=images, val_accuracy=val, fit_seconds=1.0,
                                 parameters=10, images_per_second=100.0)
+        ids[stage] = opened.id
     return cfg, ids
 
 
 def test_report_ladder_best_on_validation_and_links(two_stages):
     cfg, ids = two_stages
-    with tracking.stage_run("report", cfg) as report_id:
+    with tracking.stage_run("report", cfg) as report_opened:
         summary = report.run(cfg)
     assert json.loads((METRICS_DIR / "summary.json").read_text()) == summary
     baseline = summary["stages"]["baseline"]
@@ -53,11 +54,11 @@ def test_report_ladder_best_on_validation_and_links(two_stages):
     assert "| baseline | 0.9000 | 0.7000 |" in text and "Best (chosen on validation accuracy): **baseline**" in text
 
     client = MlflowClient(cfg.tracking.uri)
-    run = client.get_run(report_id)
+    run = client.get_run(report_opened.id)
     assert run.data.tags["best_run"] == ids["baseline"] and run.data.metrics["test_accuracy/baseline"] == 0.7
     assert run.data.params["data.anchors.cnn.accuracy"] == "0.934"
     # one tree: the stage runs and the report are children of the execution's run, which holds the ladder
-    parents = {client.get_run(i).data.tags["mlflow.parentRunId"] for i in (*ids.values(), report_id)}
+    parents = {client.get_run(i).data.tags["mlflow.parentRunId"] for i in (*ids.values(), report_opened.id)}
     assert len(parents) == 1
     execution = client.get_run(parents.pop())
     assert execution.data.tags["pipeline.kind"] == "execution" and execution.info.status == "FINISHED"
@@ -69,10 +70,10 @@ def test_report_ladder_best_on_validation_and_links(two_stages):
 def test_a_skipped_stage_appears_as_reused_in_the_next_execution(two_stages, monkeypatch):
     cfg, ids = two_stages
     monkeypatch.setenv(tracking.EXECUTION_ID_ENV, "exec-2")  # the next `dvc repro`: DVC skips both model stages
-    with tracking.stage_run("report", cfg) as report_id:
+    with tracking.stage_run("report", cfg) as report_opened:
         report.run(cfg)
     client = MlflowClient(cfg.tracking.uri)
-    parent = client.get_run(report_id).data.tags["mlflow.parentRunId"]
+    parent = client.get_run(report_opened.id).data.tags["mlflow.parentRunId"]
     children = client.search_runs(["1"], f"tags.mlflow.parentRunId = '{parent}'")
     reused = {r.data.tags["pipeline.stage"]: r for r in children if r.data.tags["pipeline.kind"] == "reused"}
     assert set(reused) == {"baseline", "cnn"}

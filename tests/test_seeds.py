@@ -54,9 +54,9 @@ def same_weights(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
 @pytest.mark.slow
 def test_each_seed_is_a_child_run_and_the_stage_run_holds_their_spread(split_data, store):
     cfg = config(split_data, store, "cnn.train.seeds=[3,5]")
-    with tracking.stage_run("cnn", cfg) as run_id:
+    with tracking.stage_run("cnn", cfg) as opened:
         metrics = cnn.run(cfg)
-    children = seed_children(store, run_id)
+    children = seed_children(store, opened.id)
     assert [(c.info.run_name, c.data.tags["pipeline.seed"], c.data.tags["pipeline.seed_fitted"], c.info.status)
             for c in children] == [(f"seed {s}", str(s), "true", "FINISHED") for s in (3, 5)]
     client = MlflowClient(store)
@@ -65,7 +65,7 @@ def test_each_seed_is_a_child_run_and_the_stage_run_holds_their_spread(split_dat
     val = [c.data.metrics["best_val_accuracy"] for c in children]
     test = [c.data.metrics["test_accuracy"] for c in children]
 
-    stage = client.get_run(run_id).data.metrics
+    stage = client.get_run(opened.id).data.metrics
     assert stage["seeds_count"] == 2
     assert stage["seeds_val_accuracy_mean"] == pytest.approx(np.mean(val))
     assert stage["seeds_val_accuracy_std"] == pytest.approx(np.std(val, ddof=1))
@@ -73,7 +73,7 @@ def test_each_seed_is_a_child_run_and_the_stage_run_holds_their_spread(split_dat
     assert stage["seeds_test_accuracy_std"] == pytest.approx(np.std(test, ddof=1))
 
     assert json.loads((METRICS_DIR / "cnn.json").read_text()) == metrics
-    assert metrics["mlflow_run_id"] == run_id  # the outputs are recorded on the stage run, not on a seed's
+    assert metrics["mlflow_run_id"] == opened.id  # the outputs are recorded on the stage run, not on a seed's
     seeds = metrics["seeds"]
     assert seeds["values"] == [3, 5]
     assert seeds["val_accuracy"]["per_seed"] == pytest.approx(val)
@@ -85,11 +85,11 @@ def test_each_seed_is_a_child_run_and_the_stage_run_holds_their_spread(split_dat
     assert not (WORK_DIR / "cnn" / "fit").exists()
 
     alone = config(split_data, store, "seed=3")  # `seeds: []`: one fit with the global seed, as before seeds existed
-    with tracking.stage_run("cnn", alone) as alone_id:
+    with tracking.stage_run("cnn", alone) as alone_opened:
         alone_metrics = cnn.run(alone)
     assert same_weights(saved_weights(), first)
-    assert seed_children(store, alone_id) == [] and "seeds" not in alone_metrics
-    assert not any(k.startswith("seeds_") for k in client.get_run(alone_id).data.metrics)
+    assert seed_children(store, alone_opened.id) == [] and "seeds" not in alone_metrics
+    assert not any(k.startswith("seeds_") for k in client.get_run(alone_opened.id).data.metrics)
 
     cnn.run(config(split_data, store, "cnn.train.seeds=[5]"))  # one listed seed: one fit with it, and it is used
     assert not same_weights(saved_weights(), first)
@@ -116,8 +116,8 @@ def test_a_killed_multi_seed_run_does_not_fit_finished_seeds_again(split_data, s
             extra = [InterruptAfterFirstEpoch()] if seed == kill_seed else []
             return with_callbacks(build_cnn_from(cfg.cnn, splits.image_shape, len(splits.classes)), counter, *extra)
 
-        with tracking.stage_run("cnn", cfg) as run_id:
-            return run_id, run_keras_stage("cnn", build, cfg.cnn.train, splits, "settings", cfg)
+        with tracking.stage_run("cnn", cfg) as opened:
+            return opened.id, run_keras_stage("cnn", build, cfg.cnn.train, splits, "settings", cfg)
 
     with pytest.raises(Interrupt):
         run(kill_seed=5)  # seed 3 finished, seed 5 dies after its first epoch

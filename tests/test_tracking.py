@@ -45,10 +45,10 @@ def only_run(client: MlflowClient, stage: str):
 
 def test_stage_runs_hold_tags_params_metrics_inputs_artefacts_and_model(split_data, store):
     cfg = tracked(split_data, store)
-    with tracking.stage_run("baseline", cfg) as baseline_id:
+    with tracking.stage_run("baseline", cfg) as baseline_opened:
         baseline_metrics = baseline.run(cfg)
     cfg_cnn = tracked(split_data, store, *SMALL_CNN, "cnn.train.epochs=2", "cnn.train.patience=5")
-    with tracking.stage_run("cnn", cfg_cnn) as cnn_id:
+    with tracking.stage_run("cnn", cfg_cnn) as cnn_opened:
         cnn_metrics = cnn.run(cfg_cnn)
 
     client = MlflowClient(store)
@@ -56,7 +56,7 @@ def test_stage_runs_hold_tags_params_metrics_inputs_artefacts_and_model(split_da
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert experiment.artifact_location.endswith("/store/artifacts")
     run = only_run(client, "baseline")
-    assert run.info.run_id == baseline_id and run.info.run_name == "baseline" and run.info.status == "FINISHED"
+    assert run.info.run_id == baseline_opened.id and run.info.run_name == "baseline" and run.info.status == "FINISHED"
     assert run.data.tags["pipeline.execution_id"] == "test-execution"
     assert run.data.tags["pipeline.profile"] == "smoke" and run.data.tags["pipeline.data"] == "fashion_mnist"
     # the params of the sections dvc.yaml lists for the stage, flattened, and no others
@@ -67,30 +67,30 @@ def test_stage_runs_hold_tags_params_metrics_inputs_artefacts_and_model(split_da
     assert {"test_top3_accuracy", "test_macro_f1", "test_log_loss", "test_ece", "best_val_accuracy", "fit_seconds",
             "inference_images_per_second", "parameters", "test_f1/T-shirt_top", "test_recall/Ankle boot",
             "test_precision/Bag"} <= set(metrics)
-    assert json.loads((METRICS_DIR / "baseline.json").read_text())["mlflow_run_id"] == baseline_id
+    assert json.loads((METRICS_DIR / "baseline.json").read_text())["mlflow_run_id"] == baseline_opened.id
 
     inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
     assert set(inputs) == {"fashion_mnist-train", "fashion_mnist-val", "fashion_mnist-test"}
     assert {tag.value for d in inputs.values() for tag in d.tags} >= {"training", "validation", "test"}
     assert len(inputs["fashion_mnist-test"].dataset.digest) == 16
 
-    artefacts = {a.path for a in client.list_artifacts(baseline_id, "analysis")}
+    artefacts = {a.path for a in client.list_artifacts(baseline_opened.id, "analysis")}
     assert {f"analysis/{name}" for name in (
         "confusion_matrix.png", "confusion_counts.csv", "confusion_normalized.csv", "confused_pairs.csv",
         "per_class_accuracy.csv", "per_class_accuracy.png", "worst_misclassified.png", "confidence_histogram.png",
         "classification_report.txt")} <= artefacts
-    assert "config.yaml" in {a.path for a in client.list_artifacts(baseline_id)}
+    assert "config.yaml" in {a.path for a in client.list_artifacts(baseline_opened.id)}
 
     cnn_run = only_run(client, "cnn")
-    assert cnn_run.info.run_id == cnn_id
+    assert cnn_run.info.run_id == cnn_opened.id
     assert {"analysis/gradcam.png", "analysis/training_curves.png"} <= {
-        a.path for a in client.list_artifacts(cnn_id, "analysis")}
-    history = client.get_metric_history(cnn_id, "val_accuracy")
+        a.path for a in client.list_artifacts(cnn_opened.id, "analysis")}
+    history = client.get_metric_history(cnn_opened.id, "val_accuracy")
     assert [m.step for m in history] == [1, 2] == list(range(1, cnn_metrics["epochs"] + 1))
     assert {"train_loss", "train_accuracy", "val_loss", "learning_rate"} <= set(cnn_run.data.metrics)
 
     x_test = load_splits(SPLIT_DIR).test[0][:3]
-    for run_id, example in ((baseline_id, baseline.flatten(x_test)), (cnn_id, x_test)):
+    for run_id, example in ((baseline_opened.id, baseline.flatten(x_test)), (cnn_opened.id, x_test)):
         [output] = client.get_run(run_id).outputs.model_outputs
         model = mlflow.pyfunc.load_model(f"models:/{output.model_id}")
         assert model.metadata.signature is not None and model.input_example is not None
@@ -104,6 +104,55 @@ def test_a_failing_stage_leaves_a_failed_run(split_data, store):
     assert only_run(MlflowClient(store), "cnn").info.status == "FAILED"
 
 
+def test_a_stage_works_while_its_run_opens_and_its_inputs_wait_for_it(split_data, store, monkeypatch):
+    """MLflow's imports and store queries (3-5 s, the bulk of a short stage) run beside the stage's own work: with
+    the store held back, the stage logs its inputs and trains; the run then holds them all."""
+    released = threading.Event()
+    connect = tracking.connect
+
+    def held_back(cfg):
+        assert released.wait(60), "the stage waited for its run to open"
+        return connect(cfg)
+
+    monkeypatch.setattr(tracking, "connect", held_back)
+    cfg = tracked(split_data, store)
+    with tracking.stage_run("baseline", cfg) as opened:
+        splits = load_splits(SPLIT_DIR)  # logs them as inputs: handed to the opening thread
+        assert opened.opening
+        released.set()
+        baseline.run(cfg)
+    run = MlflowClient(store).get_run(opened.id)
+    assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"fashion_mnist-train", "fashion_mnist-val",
+                                                                   "fashion_mnist-test"}
+    assert tracking.logged_test_digest(run) == tracking.split_digest(*splits.test)
+
+
+def test_stage_modules_import_mlflow_only_to_log():
+    """A process that logs nothing (a test calling `run`, `python -c ...`) never pays for MLflow's imports."""
+    code = ("import sys; import pipeline.stages.baseline, pipeline.stages.cnn, pipeline.stages.report; "
+            "assert not [m for m in sys.modules if m.split('.')[0] == 'mlflow'], 'mlflow imported'")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_a_store_that_cannot_be_used_fails_the_stage_in_one_line(split_data, store):
+    cfg = tracked(split_data, store)
+    client = tracking.client(store)
+    client.delete_experiment(client.create_experiment("fashion_mnist"))
+    with pytest.raises(tracking.TrackingError, match="experiment 'fashion_mnist' is deleted"):
+        with tracking.stage_run("baseline", cfg):
+            baseline.run(cfg)  # its first tracking call raises what the opening met
+
+
+def test_a_stage_interrupted_while_its_run_opens_ends_it_killed(split_data, store):
+    cfg = tracked(split_data, store)
+    with pytest.raises(KeyboardInterrupt), tracking.stage_run("baseline", cfg) as opened:
+        raise KeyboardInterrupt
+    client = MlflowClient(store)
+    run = client.get_run(opened.id)
+    assert run.info.status == "KILLED" and client.get_run(run.data.tags["mlflow.parentRunId"]).info.status == "KILLED"
+
+
 def test_tuner_trials_are_nested_under_their_stage_run(split_data, store):
     cfg = tracked(split_data, store)
     with tracking.stage_run("cnn", cfg) as parent:
@@ -112,7 +161,7 @@ def test_tuner_trials_are_nested_under_their_stage_run(split_data, store):
                 tracking.log_epoch({"loss": 1.0, "val_accuracy": 0.5}, 1)
     client = MlflowClient(store)
     trials = client.search_runs([client.get_experiment_by_name("fashion_mnist").experiment_id],
-                                f"tags.mlflow.parentRunId = '{parent}'", order_by=["attributes.run_name"])
+                                f"tags.mlflow.parentRunId = '{parent.id}'", order_by=["attributes.run_name"])
     assert [t.info.run_name for t in trials] == ["trial 0", "trial 1"]
     assert [t.data.params["filters"] for t in trials] == ["8", "16"]
     assert all(t.data.tags["pipeline.stage"] == "cnn" and "train_loss" in t.data.metrics for t in trials)

@@ -75,7 +75,7 @@ def test_two_trial_search_logs_nested_runs_and_carries_the_best_forward(split_da
     extra = ("tuner.epochs=2",) if kind == "hyperband" else ()  # factor 3: one bracket of 2-epoch trials
     cfg = load_config(*split_data_overrides(split_data), *SEARCHED_CNN, *extra, f"tuner.kind={kind}",
                       f"tracking.uri={store}")
-    with tracking.stage_run("cnn", cfg) as run_id:
+    with tracking.stage_run("cnn", cfg) as opened:
         best_cnn = search_cnn(cfg)
 
     best = json.loads((model_dir("cnn") / "best_hparams.json").read_text())
@@ -89,16 +89,16 @@ def test_two_trial_search_logs_nested_runs_and_carries_the_best_forward(split_da
     assert (model_dir("cnn") / "search" / "importance.csv").is_file()
 
     client = MlflowClient(store)
-    trials = client.search_runs([client.get_run(run_id).info.experiment_id],
-                                f"tags.`mlflow.parentRunId` = '{run_id}'")
+    trials = client.search_runs([client.get_run(opened.id).info.experiment_id],
+                                f"tags.`mlflow.parentRunId` = '{opened.id}'")
     assert len(trials) == len(rows)
     for trial in trials:
         assert trial.info.status == "FINISHED" and {"filters", "lr"} <= set(trial.data.params)
         assert "score" in trial.data.metrics and "val_accuracy" in trial.data.metrics
-    artefacts = {a.path for a in client.list_artifacts(run_id, "search")}
+    artefacts = {a.path for a in client.list_artifacts(opened.id, "search")}
     assert artefacts == {"search/trials.csv", "search/trials.png", "search/importance.csv"}
     candidates = len({(r["filters"], r["lr"]) for r in rows})  # Hyperband: a promoted candidate is counted once
-    assert client.get_run(run_id).data.tags["search.importance_note"].startswith(f"too few trials ({candidates})")
+    assert client.get_run(opened.id).data.tags["search.importance_note"].startswith(f"too few trials ({candidates})")
 
 
 def test_search_disabled_trains_the_configured_values(split_data):
