@@ -119,7 +119,7 @@ def test_dvc_exp_run_composes_config_and_reruns_only_what_changed(repo):
     accuracy = [header.index(f"metrics/{stage}.json:{key}") for stage in MODEL_STAGES
                 for key in ("val_accuracy", "test.accuracy")]
     assert max(accuracy) < header.index("size.train") and not [h for h in header if "class_count" in h]
-    assert "metrics/cnn.json:hparams.cnn.filters" in header  # the values the cnn trained with, searched
+    assert "metrics/cnn.json:hparams.cnn.dropout" in header  # the values the cnn trained with, searched
 
     # last, as it leaves the workspace half-run: a sweep over a key the search sets stops before any work,
     # saying how to get out
