@@ -105,7 +105,7 @@ def test_search_disabled_trains_the_configured_values(split_data):
     cnn.run(load_config(*split_data_overrides(split_data), *SMALL_CNN, "cnn.search.enabled=false"))
     assert json.loads((model_dir("cnn") / "best_hparams.json").read_text()) == {"values": {}, "source": "config",
                                                                                 "trained": {
-        "cnn.filters": 8, "cnn.dropout": 0.0, "cnn.train.lr": 3e-3, "cnn.train.weight_decay": 5e-4,
+        "cnn.dropout": 0.0, "cnn.train.lr": 3e-3, "cnn.train.weight_decay": 5e-4,
         "cnn.train.label_smoothing": 0.1}}
     assert not (model_dir("cnn") / "search").exists()
 
