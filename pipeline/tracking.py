@@ -128,13 +128,14 @@ def connect(cfg: Config) -> str:
 class StageRun:
     """The MLflow run of one stage execution, opened on a thread of its own (`stage_run`) so that MLflow's imports and
     store queries overlap the stage's data loading and training. The first tracking call of the main thread that
-    needs the run waits for it and makes it the active run there; calls that only add to it (`log_splits`) go to the
-    opening thread, in order, and never wait."""
+    needs the run waits for it and makes it the active run there; calls that only add to it (`log_splits`, the
+    scikit-learn model) go to the opening thread, in order, and never wait: the run ends once they are done."""
 
     def __init__(self, stage: str, cfg: Config):
         self.cfg = cfg
         self._pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tracking-{stage}")
-        self._jobs = [self._pool.submit(_open_stage_run, stage, cfg)]
+        self._opened = self._pool.submit(_open_stage_run, stage, cfg)
+        self._jobs: list[futures.Future] = []
         self._ids: tuple[str, str] | None = None  # (execution run, stage run) once opened
         self.active_here = False  # the main thread's active run
 
@@ -152,17 +153,21 @@ class StageRun:
         self._jobs.append(self._pool.submit(job, *args))
 
     def wait(self) -> tuple[str, str]:
-        """(execution run id, stage run id) once the run is open and every submitted job has run; raises what the
-        opening raised (an unusable store: `TrackingError`)."""
+        """(execution run id, stage run id) once the run is open; raises what the opening raised (an unusable store:
+        `TrackingError`)."""
         if self._ids is None:
-            try:
-                ids = self._jobs[0].result()
-                for job in self._jobs[1:]:
-                    job.result()
-            finally:
-                self._pool.shutdown(wait=True)
-            self._ids = ids
+            self._ids = self._opened.result()
         return self._ids
+
+    def finish(self) -> tuple[str, str]:
+        """`wait`, then every submitted job: raises the first one's error."""
+        try:
+            ids = self.wait()
+            for job in self._jobs:
+                job.result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        return ids
 
     def activate(self) -> None:
         """Make the run the active run of this (the main) thread, with system metrics if configured."""
@@ -222,8 +227,9 @@ def _open_stage_run(stage: str, cfg: Config) -> tuple[str, str]:
 
 
 def _close_stage_run(run: StageRun, status: str) -> None:
-    """End the stage run and its execution's run with `status`; a run that never opened raises why, unless the stage
-    is already failing (its own error is the one to see)."""
+    """End the stage run and its execution's run with `status` once the jobs handed to the run's thread are done; a
+    run that never opened, or a job that failed, raises why (the runs end FAILED), unless the stage is already failing
+    (its own error is the one to see)."""
     try:
         parent, run_id = run.wait()
     except Exception:
@@ -231,11 +237,21 @@ def _close_stage_run(run: StageRun, status: str) -> None:
             raise
         log.warning("the stage's MLflow run did not open", exc_info=True)
         return
+    failure = None
+    try:
+        run.finish()
+    except Exception as e:
+        if status == "FINISHED":
+            status, failure = "FAILED", e
+        else:
+            log.warning("a tracking job of the failing stage failed too", exc_info=True)
     if run.active_here:
         mlflow.end_run(status)
     else:  # the stage made no tracking call on the main thread
         mlflow.MlflowClient().set_terminated(run_id, status)
     mlflow.MlflowClient().set_terminated(parent, status)
+    if failure is not None:
+        raise failure
 
 
 @contextlib.contextmanager
@@ -550,7 +566,8 @@ def log_results(metrics: dict[str, Any], per_class: dict[str, dict[str, float]],
     mlflow.log_artifacts(str(plots), "analysis")
     image = plots / "confusion_matrix.png"
     if image.is_file():  # as an image too: the UI's chart view shows the selected runs' matrices side by side
-        mlflow.log_image(np.asarray(Image.open(image).convert("RGB")), key="confusion_matrix", step=0)
+        mlflow.log_image(np.asarray(Image.open(image).convert("RGB")), key="confusion_matrix", step=0,
+                         synchronous=True)  # unset, MLflow starts its async queue, whose shutdown waits 1 s
 
 
 def log_keras_model(model, example: np.ndarray) -> None:
@@ -569,9 +586,15 @@ def log_keras_model(model, example: np.ndarray) -> None:
 
 
 def log_sklearn_model(model, example: np.ndarray) -> None:
-    """The scikit-learn model (skops format), with its signature and an input example."""
-    if _active_run() is None:
-        return
+    """The scikit-learn model (skops format), with its signature and an input example; on the stage run's own thread,
+    which imports the flavour and writes the model while the stage goes on (the run ends once it is logged)."""
+    if _stage_run is not None:
+        _stage_run.submit(_log_sklearn_model, model, example)
+    elif _active_run() is not None:
+        _log_sklearn_model(model, example)
+
+
+def _log_sklearn_model(model, example: np.ndarray) -> None:
     mlflow.sklearn.log_model(model, name="model", input_example=example, pyfunc_predict_fn="predict_proba",
                              signature=mlflow.models.infer_signature(example, model.predict_proba(example)),
                              pip_requirements=mlflow.sklearn.get_default_pip_requirements(include_skops=True))

@@ -128,6 +128,37 @@ def test_a_stage_works_while_its_run_opens_and_its_inputs_wait_for_it(split_data
     assert tracking.logged_test_digest(run) == tracking.split_digest(*splits.test)
 
 
+def test_the_sklearn_model_is_logged_beside_the_stage_and_the_run_ends_once_it_is(split_data, store, monkeypatch):
+    """The baseline's logged model (the flavour's imports and the skops file, 1-2 s) goes to the run's thread: with it
+    held back, the stage still writes its outputs; the run ends FINISHED with the model once it is logged."""
+    released = threading.Event()
+    log_model = tracking._log_sklearn_model
+
+    def held_back(model, example):
+        assert released.wait(60), "the stage waited for its model to be logged"
+        log_model(model, example)
+
+    monkeypatch.setattr(tracking, "_log_sklearn_model", held_back)
+    cfg = tracked(split_data, store)
+    with tracking.stage_run("baseline", cfg) as opened:
+        metrics = baseline.run(cfg)
+        assert mlflow.MlflowClient(store).get_run(opened.id).outputs.model_outputs == []
+        released.set()
+    run = MlflowClient(store).get_run(metrics["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and len(run.outputs.model_outputs) == 1
+
+
+def test_a_model_that_fails_to_log_fails_the_run(split_data, store, monkeypatch):
+    def broken(model, example):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tracking, "_log_sklearn_model", broken)
+    cfg = tracked(split_data, store)
+    with pytest.raises(OSError, match="disk full"), tracking.stage_run("baseline", cfg):
+        baseline.run(cfg)
+    assert only_run(MlflowClient(store), "baseline").info.status == "FAILED"
+
+
 def test_stage_modules_import_mlflow_only_to_log():
     """A process that logs nothing (a test calling `run`, `python -c ...`) never pays for MLflow's imports."""
     code = ("import sys; import pipeline.stages.baseline, pipeline.stages.cnn, pipeline.stages.report; "

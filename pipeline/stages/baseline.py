@@ -33,12 +33,12 @@ def run(cfg: Config) -> dict:
     model.fit(flatten(splits.train[0]), splits.train[1])
     fit_seconds = time.perf_counter() - start
     x_test = flatten(splits.test[0])
+    save_sklearn_model("baseline", model, example=x_test[:3])  # logged on the run's thread while the stage goes on
     y_prob, speed = predict_timed(model.predict_proba, x_test)
     metrics = write_stage_outputs("baseline", splits.test[1], y_prob, splits.classes, images=splits.test[0],
                                   val_accuracy=float(model.score(flatten(splits.val[0]), splits.val[1])),
                                   fit_seconds=fit_seconds, parameters=model.coef_.size + model.intercept_.size,
                                   images_per_second=speed)
-    save_sklearn_model("baseline", model, example=x_test[:3])
     log.info("baseline: test accuracy %.4f", metrics["test"]["accuracy"])
     return metrics
 
