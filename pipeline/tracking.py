@@ -149,8 +149,13 @@ class StageRun:
         return self.wait()[1]
 
     def submit(self, job, *args) -> None:
-        """`job(*args)` on the opening thread, where the run is active, after everything submitted before it."""
-        self._jobs.append(self._pool.submit(job, *args))
+        """`job(*args)` on the opening thread, where the run is active, after everything submitted before it; skipped
+        if the run did not open (MLflow's fluent calls would otherwise start a run of their own)."""
+        self._jobs.append(self._pool.submit(self._if_opened, job, *args))
+
+    def _if_opened(self, job, *args) -> None:
+        if self._opened.exception() is None:  # done: it ran first on this thread
+            job(*args)
 
     def wait(self) -> tuple[str, str]:
         """(execution run id, stage run id) once the run is open; raises what the opening raised (an unusable store:
@@ -159,15 +164,10 @@ class StageRun:
             self._ids = self._opened.result()
         return self._ids
 
-    def finish(self) -> tuple[str, str]:
-        """`wait`, then every submitted job: raises the first one's error."""
-        try:
-            ids = self.wait()
-            for job in self._jobs:
-                job.result()
-        finally:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-        return ids
+    def finish(self) -> BaseException | None:
+        """Every submitted job done and the thread stopped: the first failed job's error, if any."""
+        self._pool.shutdown(wait=True)
+        return next((e for job in self._jobs if (e := job.exception()) is not None), None)
 
     def activate(self) -> None:
         """Make the run the active run of this (the main) thread, with system metrics if configured."""
@@ -178,6 +178,15 @@ class StageRun:
 
 
 _stage_run: StageRun | None = None  # the stage run of this process, while it is open
+
+
+def _beside_the_stage(job, *args) -> None:
+    """`job(*args)`, which only adds to the run: on the stage run's thread, never waiting for it; here, in the active
+    run, outside a stage run (a search worker's)."""
+    if _stage_run is not None:
+        _stage_run.submit(job, *args)
+    elif _active_run() is not None:
+        job(*args)
 
 
 def _active_run() -> mlflow.entities.Run | None:
@@ -230,6 +239,7 @@ def _close_stage_run(run: StageRun, status: str) -> None:
     """End the stage run and its execution's run with `status` once the jobs handed to the run's thread are done; a
     run that never opened, or a job that failed, raises why (the runs end FAILED), unless the stage is already failing
     (its own error is the one to see)."""
+    failure = run.finish()
     try:
         parent, run_id = run.wait()
     except Exception:
@@ -237,14 +247,11 @@ def _close_stage_run(run: StageRun, status: str) -> None:
             raise
         log.warning("the stage's MLflow run did not open", exc_info=True)
         return
-    failure = None
-    try:
-        run.finish()
-    except Exception as e:
-        if status == "FINISHED":
-            status, failure = "FAILED", e
-        else:
-            log.warning("a tracking job of the failing stage failed too", exc_info=True)
+    if failure is not None and status == "FINISHED":
+        status = "FAILED"
+    elif failure is not None:
+        log.warning("a tracking job of the failing stage failed too", exc_info=failure)
+        failure = None
     if run.active_here:
         mlflow.end_run(status)
     else:  # the stage made no tracking call on the main thread
@@ -490,11 +497,8 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def log_splits(splits: dict[str, tuple[np.ndarray, np.ndarray]], source: Path) -> None:
     """Each split as an MLflow dataset input, named after the data set, with the digest of its arrays. Called as a
-    stage loads its data, before its run may be open: then the opening thread logs them, and the stage goes on."""
-    if _stage_run is not None and _stage_run.opening:
-        _stage_run.submit(_log_splits, splits, source)
-    elif _active_run() is not None:
-        _log_splits(splits, source)
+    stage loads its data, before its run may be open: the run's thread logs them, and the stage goes on."""
+    _beside_the_stage(_log_splits, splits, source)
 
 
 def _log_splits(splits: dict[str, tuple[np.ndarray, np.ndarray]], source: Path) -> None:
@@ -588,10 +592,7 @@ def log_keras_model(model, example: np.ndarray) -> None:
 def log_sklearn_model(model, example: np.ndarray) -> None:
     """The scikit-learn model (skops format), with its signature and an input example; on the stage run's own thread,
     which imports the flavour and writes the model while the stage goes on (the run ends once it is logged)."""
-    if _stage_run is not None:
-        _stage_run.submit(_log_sklearn_model, model, example)
-    elif _active_run() is not None:
-        _log_sklearn_model(model, example)
+    _beside_the_stage(_log_sklearn_model, model, example)
 
 
 def _log_sklearn_model(model, example: np.ndarray) -> None:

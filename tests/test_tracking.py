@@ -142,7 +142,7 @@ def test_the_sklearn_model_is_logged_beside_the_stage_and_the_run_ends_once_it_i
     cfg = tracked(split_data, store)
     with tracking.stage_run("baseline", cfg) as opened:
         metrics = baseline.run(cfg)
-        assert mlflow.MlflowClient(store).get_run(opened.id).outputs.model_outputs == []
+        assert MlflowClient(store).get_run(opened.id).outputs.model_outputs == []
         released.set()
     run = MlflowClient(store).get_run(metrics["mlflow_run_id"])
     assert run.info.status == "FINISHED" and len(run.outputs.model_outputs) == 1
