@@ -173,6 +173,8 @@ class TunerConfig:
     executions_per_trial: int = setting(ge=1)  # models trained per candidate, scores averaged
     patience: int = setting(ge=1)  # a trial stops after this many epochs without a better objective
     subset: Optional[int] = setting(ge=10, optional=True)  # training images per trial (stratified); null: all
+    subset_mode: str = setting(choices=("fixed", "growing"))  # fixed: every trial epoch on the same `subset`;
+    # growing: each epoch on the next `subset` images of one shuffled order of the whole training split
     hyperband_factor: int = setting(ge=2)
     workers: int = setting(ge=0)  # processes that run the trials, the stage serving them as chief; 0: the stage itself
 

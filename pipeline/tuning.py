@@ -104,7 +104,9 @@ def _search(stage, section, params, build, train, val, tuner_cfg, seed) -> dict[
 
     from pipeline.training import TrackEpochs, built_in, compile_model, one_hot, progress
 
-    x, y = _subset(train, tuner_cfg.subset, seed)
+    growing = tuner_cfg.subset_mode == "growing" and tuner_cfg.subset is not None
+    x, y = train if growing else _subset(train, tuner_cfg.subset, seed)
+    order = np.random.default_rng(seed).permutation(len(y)) if growing else None
     objective = keras_tuner.Objective(tuner_cfg.objective, "min" if tuner_cfg.objective.endswith("loss") else "max")
     section = trial_budget(section, tuner_cfg)
 
@@ -118,10 +120,15 @@ def _search(stage, section, params, build, train, val, tuner_cfg, seed) -> dict[
             weights gets a whole schedule of its own (warm-up, then cosine to zero), so every score is read at the
             end of an annealed schedule."""
             candidate, n_classes = apply(section, define(hp, params)), model.output_shape[-1]
-            rounds = dataclasses.replace(candidate.train, epochs=kwargs["epochs"] - kwargs.get("initial_epoch", 0))
-            compile_model(model, rounds, len(y))
+            first, batch = kwargs.get("initial_epoch", 0), candidate.train.batch_size
+            rounds = dataclasses.replace(candidate.train, epochs=kwargs["epochs"] - first)
+            if growing:
+                steps = max(1, round(tuner_cfg.subset / batch))
+                x, y = epoch_chunks((x, y), order, steps * batch, first, kwargs["epochs"])
+                kwargs["steps_per_epoch"] = steps  # one iterator across the epochs: epoch k on chunk k
+            compile_model(model, rounds, steps * batch if growing else len(y))
             return model.fit(*one_hot((x, y), n_classes), validation_data=one_hot(validation_data, n_classes),
-                             batch_size=candidate.train.batch_size, **kwargs)
+                             batch_size=batch, **kwargs)
 
     key = _search_key(stage, section, tuner_cfg, seed, x, y, *val)
     directory = work_dir(stage) / "search"
@@ -191,6 +198,15 @@ def _subset(train: Arrays, size: int | None, seed: int) -> Arrays:
 
     keep, _ = train_test_split(np.arange(len(y)), train_size=size, stratify=y, random_state=seed)
     keep = np.sort(keep)
+    return x[keep], y[keep]
+
+
+def epoch_chunks(train: Arrays, order: np.ndarray, chunk: int, first: int, end: int) -> Arrays:
+    """Epochs `first`..`end - 1` of a growing-subset trial: epoch k trains on images [k*chunk, (k+1)*chunk) of
+    `order` (wrapping round the split), so that a candidate promoted to more epochs sees more distinct images, and
+    one that continues (Hyperband's next round) goes on where its last round stopped."""
+    x, y = train
+    keep = order[np.arange(first * chunk, end * chunk) % len(order)]
     return x[keep], y[keep]
 
 

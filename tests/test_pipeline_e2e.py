@@ -136,8 +136,9 @@ def store(root: Path, uri: str | None = None) -> tuple[MlflowClient, str]:
     return client, client.get_experiment_by_name("tiny").experiment_id
 
 
-def check_records(root: Path, uri: str | None = None) -> None:
-    """After one `dvc exp run` with the search on: one tree, trained params, a champion, nothing RUNNING, compare."""
+def check_records(root: Path, uri: str | None = None, searched: bool = True) -> None:
+    """After one `dvc exp run`: one tree, trained params (and the cnn search's trials under its run, if `searched`),
+    a champion, nothing RUNNING, compare."""
     client, experiment = store(root, uri)
     runs = client.search_runs([experiment], "")
     assert not [r.info.run_name for r in runs if r.info.status != "FINISHED"]
@@ -147,9 +148,10 @@ def check_records(root: Path, uri: str | None = None) -> None:
     assert {r.data.tags["mlflow.parentRunId"] for r in stages.values()} == {execution.info.run_id}
     assert execution.info.run_name == stages["cnn"].data.tags["dvc.exp_name"]
     trials = [r for r in runs if r.data.tags["pipeline.kind"] == "trial"]
-    assert trials and {r.data.tags["mlflow.parentRunId"] for r in trials} == {stages["cnn"].info.run_id}
+    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == ({stages["cnn"].info.run_id} if searched else set())
 
     trained = json.loads((root / "models/cnn/best_hparams.json").read_text())["trained"]
+    assert stages["cnn"].data.tags["pipeline.params_source"] == ("search" if searched else "config")
     assert {k: stages["cnn"].data.params[k] for k in trained} == {k: str(v) for k, v in trained.items()}
     summary = json.loads((root / "metrics/summary.json").read_text())
     best = max(summary["stages"], key=lambda s: summary["stages"][s]["val_accuracy"])

@@ -18,7 +18,7 @@ from pipeline.models.cnn import build_cnn_from
 from pipeline.paths import SPLIT_DIR, WORK_DIR, model_dir
 from pipeline.search_space import parse_space, tunable_names
 from pipeline.stages import cnn
-from pipeline.tuning import _search_key, define, last_rounds, tune
+from pipeline.tuning import _search_key, define, epoch_chunks, last_rounds, tune
 from tests.conftest import append, load_config
 from tests.test_model_stages import SMALL_CNN, split_data_overrides
 
@@ -67,12 +67,16 @@ def search_cnn(cfg):
                 cfg.tuner, cfg.seed)
 
 
-@pytest.mark.parametrize("kind", ["random", pytest.param("bayesian", marks=pytest.mark.slow),
-                                  pytest.param("hyperband", marks=pytest.mark.slow)])
-def test_two_trial_search_logs_nested_runs_and_carries_the_best_forward(split_data, tmp_path, monkeypatch, kind):
+@pytest.mark.parametrize("kind, extra", [
+    ("random", ()),
+    pytest.param("bayesian", (), marks=pytest.mark.slow),
+    pytest.param("hyperband", ("tuner.epochs=2",), marks=pytest.mark.slow),  # factor 3: a bracket of 2-epoch trials
+    pytest.param("hyperband", ("tuner.epochs=2", "tuner.subset=40", "tuner.subset_mode=growing"),
+                 marks=pytest.mark.slow)])
+def test_two_trial_search_logs_nested_runs_and_carries_the_best_forward(split_data, tmp_path, monkeypatch, kind,
+                                                                        extra):
     monkeypatch.setenv(tracking.EXECUTION_ID_ENV, "test")
     store = f"sqlite:///{tmp_path / 'store.db'}"
-    extra = ("tuner.epochs=2",) if kind == "hyperband" else ()  # factor 3: one bracket of 2-epoch trials
     cfg = load_config(*split_data_overrides(split_data), *SEARCHED_CNN, *extra, f"tuner.kind={kind}",
                       f"tracking.uri={store}")
     with tracking.stage_run("cnn", cfg) as opened:
@@ -95,10 +99,38 @@ def test_two_trial_search_logs_nested_runs_and_carries_the_best_forward(split_da
     for trial in trials:
         assert trial.info.status == "FINISHED" and {"filters", "lr"} <= set(trial.data.params)
         assert "score" in trial.data.metrics and "val_accuracy" in trial.data.metrics
+        # every epoch trained (a growing subset's fit runs out of images if it is short of one epoch's batches)
+        assert len(client.get_metric_history(trial.info.run_id, "val_accuracy")) == cfg.tuner.epochs
     artefacts = {a.path for a in client.list_artifacts(opened.id, "search")}
     assert artefacts == {"search/trials.csv", "search/trials.png", "search/importance.csv"}
     candidates = len({(r["filters"], r["lr"]) for r in rows})  # Hyperband: a promoted candidate is counted once
     assert client.get_run(opened.id).data.tags["search.importance_note"].startswith(f"too few trials ({candidates})")
+
+
+def test_growing_subsets_give_each_trial_epoch_the_next_images_and_a_promoted_round_goes_on():
+    order = np.random.default_rng(0).permutation(25)
+    x, y = np.arange(25) * 10, np.arange(25)
+    _, first_round = epoch_chunks((x, y), order, chunk=4, first=0, end=2)
+    _, next_round = epoch_chunks((x, y), order, chunk=4, first=2, end=7)  # Hyperband continues it to 7 epochs
+    assert list(first_round) == list(order[:8]) and len(set(next_round[:12])) == 12
+    assert not set(first_round) & set(next_round[:12])  # 20 images: none seen twice yet
+    assert list(next_round[-8:]) == list(order[20:25]) + list(order[:3])  # past the split's end: from its start
+
+
+def test_a_fit_over_steps_per_epoch_batches_gives_epoch_k_the_kth_chunk():
+    """What growing subsets rest on (Keras 3 keeps one iterator across the epochs of a fit with `steps_per_epoch`):
+    a frozen model that always answers class 0, on chunks labelled 0, then 1, then 0, scores 1, 0, 1."""
+    import keras
+
+    answers_0 = keras.layers.Dense(2, trainable=False, kernel_initializer="zeros",
+                                   bias_initializer=keras.initializers.Constant([1, 0]))
+    model = keras.Sequential([keras.Input((1,)), answers_0])
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    y = np.repeat([0, 1, 0], 8)
+    history = model.fit(np.zeros((24, 1), "float32"), y, batch_size=4, steps_per_epoch=2, epochs=3, shuffle=False,
+                        verbose=0)
+    assert history.history["accuracy"] == [1.0, 0.0, 1.0]
 
 
 def test_search_disabled_trains_the_configured_values(split_data):
