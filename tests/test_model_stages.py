@@ -78,6 +78,7 @@ def test_cnn_aug_continues_from_the_cnn_model(split_data):
     assert [layer.name for layer in model.layers[1:]] == ["augmentation", "cnn"]
 
 
+@pytest.mark.slow  # real fits, 14-32 s on 2 cores: make test runs it, make test-fast does not
 def test_cnn_aug_trains_the_loaded_cnn_model_in_its_own_precision(split_data):
     """A loaded model keeps the dtype policy it was saved with unless told otherwise: cnn_aug (and finetune, the
     same fit loop) must compute in `train.precision`, its output (the softmax) in float32, as the builders make it.

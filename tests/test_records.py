@@ -77,6 +77,7 @@ def cnn_aug_widest_conv() -> int:
     return max(layer.filters for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
 
 
+@pytest.mark.slow  # real fits, 14-32 s on 2 cores: make test runs it, make test-fast does not
 def test_without_a_search_the_configured_values_are_logged_as_such(split_data, store):
     cfg = load_config(*split_data_overrides(split_data), *SMALL_CNN, f"tracking.uri={store}")
     with tracking.stage_run("cnn", cfg) as cnn_opened:

@@ -232,6 +232,7 @@ def test_tracking_errors_are_pipeline_errors():
     assert issubclass(tracking.TrackingError, PipelineError)
 
 
+@pytest.mark.new_store  # the real creation, not conftest's copy of a made store
 def test_a_new_store_is_made_under_the_lock_the_stages_take(tmp_path):
     """Two processes making a SQLite store's tables at once fail (the race CI met: a test polled the store while a
     stage made it). Any opener waits for a stage holding the lock."""

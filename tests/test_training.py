@@ -62,6 +62,7 @@ def with_callbacks(model, *extra):
     return model
 
 
+@pytest.mark.slow  # real fits, 14-32 s on 2 cores: make test runs it, make test-fast does not
 def test_interrupted_fit_resumes_from_the_last_finished_epoch(setup):
     cfg, splits, work = setup
     with pytest.raises(Interrupt):
@@ -77,6 +78,7 @@ def test_interrupted_fit_resumes_from_the_last_finished_epoch(setup):
     assert [row["epoch"] for row in result.history] == [0, 1, 2, 3]
 
 
+@pytest.mark.slow  # real fits, 14-32 s on 2 cores: make test runs it, make test-fast does not
 def test_state_of_other_settings_is_not_resumed(setup):
     cfg, splits, work = setup
     fit(make_model(cfg, splits), splits.train, splits.val, cfg.cnn.train, work, fingerprint="a", seed=0)
@@ -107,6 +109,7 @@ class ScrambleBeforeValidation(keras.callbacks.Callback):
             variable.assign(rng.normal(0, 1, variable.shape).astype(variable.dtype))
 
 
+@pytest.mark.slow  # real fits, 14-32 s on 2 cores: make test runs it, make test-fast does not
 def test_a_resumed_fit_keeps_the_best_weights_of_the_epochs_before_the_kill(setup):
     """The last epochs are forced to be the worst, so only weights saved before the interruption can score best."""
     _, splits, work = setup
@@ -126,6 +129,7 @@ def test_a_resumed_fit_keeps_the_best_weights_of_the_epochs_before_the_kill(setu
     assert accuracy == pytest.approx(best_before, abs=1e-6)
 
 
+@pytest.mark.slow  # real fits, 14-32 s on 2 cores: make test runs it, make test-fast does not
 def test_a_resumed_fit_draws_what_an_uninterrupted_one_draws(setup):
     """Epoch k's augmentations and dropout masks are drawn from (seed, k): a fit stopped after its first epoch and
     resumed trains the next two as an uninterrupted fit does. Each fit builds its model after `set_random_seed`, so
@@ -188,6 +192,7 @@ def test_a_fit_that_early_stopping_ended_is_not_trained_further(setup):
     assert epochs_run == [] and again.history == result.history
 
 
+@pytest.mark.slow  # real fits, 14-32 s on 2 cores: make test runs it, make test-fast does not
 def test_a_stage_resumes_with_the_same_code_and_starts_afresh_after_a_change(setup, code_copy):
     cfg, splits, _ = setup
     epochs_run = []

@@ -133,6 +133,7 @@ def test_a_fit_over_steps_per_epoch_batches_gives_epoch_k_the_kth_chunk():
     assert history.history["accuracy"] == [1.0, 0.0, 1.0]
 
 
+@pytest.mark.slow  # real fits, 14-32 s on 2 cores: make test runs it, make test-fast does not
 def test_search_disabled_trains_the_configured_values(split_data):
     cnn.run(load_config(*split_data_overrides(split_data), *SMALL_CNN, "cnn.search.enabled=false"))
     assert json.loads((model_dir("cnn") / "best_hparams.json").read_text()) == {"values": {}, "source": "config",
