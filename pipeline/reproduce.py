@@ -308,6 +308,9 @@ def _env() -> dict[str, str]:
     return env
 
 
+WORKTREE_APPLIED = "Experiment results have been applied to your workspace"
+
+
 def _dvc(workspace: Path, *args: str, env: dict[str, str], check: bool = True) -> None:
     """`dvc ARGS` in the worktree, its output passed on to stderr as it comes; a failure names its last error."""
     _say(f"$ dvc {' '.join(args)}")
@@ -315,6 +318,8 @@ def _dvc(workspace: Path, *args: str, env: dict[str, str], check: bool = True) -
     with subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=workspace, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as process:
         for line in process.stdout:
+            if line.startswith(WORKTREE_APPLIED):  # DVC speaks of its workspace: the worktree, not the user's
+                line = "Experiment results have been applied to the temporary worktree (this workspace is untouched).\n"
             sys.stderr.write(line)
             tail.append(line.strip())
     if check and process.returncode != 0:

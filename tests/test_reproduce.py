@@ -95,6 +95,7 @@ def test_a_baseline_run_is_reproduced_as_an_experiment_in_the_same_store(repo, t
     assert [line.split()[0] for line in lines[2:4]] == ["test_accuracy", "best_val_accuracy"]
     assert all(line.split()[-1] == "yes" for line in lines[2:4])
     assert "Running stage 'baseline'" in result.stderr  # run again, not restored from DVC's run cache
+    assert "applied to your workspace" not in result.stderr  # DVC's words, of the worktree: reworded
 
     client = store(repo)
     (new,) = stage_runs(repo, "baseline", f" and tags.`{reproduce.TAG}` = '{original.info.run_id}'")
