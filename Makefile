@@ -46,7 +46,7 @@ PYTEST := pytest -n auto --maxprocesses 4 --dist loadgroup --durations=15
 test: setup browser postgres ## set up, then run every test, the slow end-to-end ones included
 	$(PYTEST)
 
-test-fast: setup ## the tests without the slow end-to-end runs
+test-fast: setup ## the tests without the slow ones (marker slow: end-to-end pipelines, multi-fit trainings)
 	$(PYTEST) -m "not slow"
 
 ui: setup ## the MLflow UI on the project's store: http://127.0.0.1:5000 (loopback; conf/tracking)
