@@ -122,11 +122,12 @@ def _search(stage, section, params, build, train, val, tuner_cfg, seed) -> dict[
             candidate, n_classes = apply(section, define(hp, params)), model.output_shape[-1]
             first, batch = kwargs.get("initial_epoch", 0), candidate.train.batch_size
             rounds = dataclasses.replace(candidate.train, epochs=kwargs["epochs"] - first)
-            if growing:
-                steps = max(1, round(tuner_cfg.subset / batch))
-                x, y = epoch_chunks((x, y), order, steps * batch, first, kwargs["epochs"])
-                kwargs["steps_per_epoch"] = steps  # one iterator across the epochs: epoch k on chunk k
-            compile_model(model, rounds, steps * batch if growing else len(y))
+            per_epoch = len(y)
+            if growing:  # one iterator across the epochs (`steps_per_epoch`): epoch k trains on chunk k
+                kwargs["steps_per_epoch"] = max(1, round(tuner_cfg.subset / batch))
+                per_epoch = kwargs["steps_per_epoch"] * batch
+                x, y = epoch_chunks((x, y), order, per_epoch, first, kwargs["epochs"])
+            compile_model(model, rounds, per_epoch)
             return model.fit(*one_hot((x, y), n_classes), validation_data=one_hot(validation_data, n_classes),
                              batch_size=batch, **kwargs)
 

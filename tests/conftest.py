@@ -240,8 +240,8 @@ def _new_stores_from_a_made_one(request: pytest.FixtureRequest, monkeypatch: pyt
     @contextlib.contextmanager
     def lock(uri: str) -> Iterator[None]:
         with real_lock(uri):
-            db = Path(uri.removeprefix("sqlite:///")).resolve()
-            if uri.startswith("sqlite:///") and not db.exists():
+            db = Path(uri.removeprefix("sqlite:///")).resolve() if uri.startswith("sqlite:///") else None
+            if db is not None and not db.exists():
                 if not made.exists():
                     made.parent.mkdir(exist_ok=True)
                     import mlflow
