@@ -254,7 +254,7 @@ def _new_stores_from_a_made_one(request: pytest.FixtureRequest, monkeypatch: pyt
 
 
 SMOKE_PIPELINES = ("test_pipeline_e2e.py::test_dvc_exp_run_composes_config_and_reruns_only_what_changed",
-                   "test_server.py::test_the_smoke_pipeline_on_jax_and_a_queued_sweep_land_on_the_server")
+                   "test_server.py::test_the_smoke_pipeline_on_jax_lands_on_the_server")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

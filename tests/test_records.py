@@ -227,6 +227,7 @@ def test_stage_runs_carry_system_metrics(split_data, store):
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics)
 
 
+@pytest.mark.slow  # three baseline stage runs, each logging its model
 def test_the_champion_moves_only_to_a_better_run_on_the_same_validation_split(split_data, store):
     cfg = load_config(*split_data_overrides(split_data), f"tracking.uri={store}")
     ids = []

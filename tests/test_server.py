@@ -1,5 +1,6 @@
 """`make server`: a real MLflow tracking server on a real PostgreSQL cluster, on loopback; the smoke pipeline (on the
-JAX backend) and a queued sweep send every run there; `pipeline.migrate` moves a store into it and out of it."""
+JAX backend) sends every run there (a queued sweep's runs reach a store from DVC's temporary workspaces as the
+workspace's do: tests/test_tracking_e2e.py); `pipeline.migrate` moves a store into it and out of it."""
 
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ from tests.test_pipeline_e2e import (
     repo,  # noqa: F401 (a fixture)
     run,
 )
-from tests.test_tracking_e2e import run_queue
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +67,7 @@ def tracking_server(tmp_path_factory) -> Server:
         yield Server(f"http://127.0.0.1:{port}", root)
 
 
-def test_the_smoke_pipeline_on_jax_and_a_queued_sweep_land_on_the_server(repo, tmp_path, tracking_server):  # noqa: F811
+def test_the_smoke_pipeline_on_jax_lands_on_the_server(repo, tmp_path, tracking_server):  # noqa: F811
     """Both paths off the default in one smoke run, to keep the suite short. KERAS_BACKEND=jax, as on a GPU machine
     with JAX and no TensorFlow: every stage runs, the logged models say they need JAX, and Grad-CAM draws its maps
     through JAX's gradients. Tracked on the server: every run, metric history, artifact and model is there."""
@@ -100,14 +100,6 @@ def test_the_smoke_pipeline_on_jax_and_a_queued_sweep_land_on_the_server(repo, t
 
     example = np.load(repo / "data/split/test/x.npy")[:5]  # the champion loads from the server, as anywhere
     assert len(predictions(tracking_server.uri, "models:/tiny@champion", example)) == 5
-
-    run(repo, "dvc", "exp", "run", "--queue", *SMALL, *tracking_server.overrides, "-S", "baseline.C=0.2,0.3",
-        "baseline")
-    run_queue(repo, tmp_path / "queue.log")
-    baseline = client.search_runs([experiment], "tags.`pipeline.stage` = 'baseline' and tags.`pipeline.kind` = 'stage'")
-    assert sorted(r.data.params["baseline.C"] for r in baseline) == ["0.1", "0.2", "0.3"]  # the default, the sweep
-    assert len(baseline) == 3 and all(r.info.status == "FINISHED" for r in baseline)
-    assert all(client.get_metric_history(r.info.run_id, "test_accuracy") for r in baseline)
 
     # the server's store moves, too (into a SQLite store here): every run, model and alias, and the same predictions
     copy = f"sqlite:///{tmp_path / 'copy' / 'mlflow.db'}"

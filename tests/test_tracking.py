@@ -43,6 +43,7 @@ def only_run(client: MlflowClient, stage: str):
     return runs[0]
 
 
+@pytest.mark.slow  # a baseline and a cnn stage run, each logging its model: 40 s on 2 cores
 def test_stage_runs_hold_tags_params_metrics_inputs_artefacts_and_model(split_data, store):
     cfg = tracked(split_data, store)
     with tracking.stage_run("baseline", cfg) as baseline_opened:
