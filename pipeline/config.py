@@ -12,6 +12,7 @@ composition so the file is byte-for-byte what `dvc exp run` would write.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import typing
 from collections.abc import Sequence
@@ -81,9 +82,17 @@ def overridden_search_keys(raw: dict[str, Any]) -> list[str]:
             continue
         keys = [flat_key(section, config, name) for name in config.search.space]
         options = sorted(p.stem for p in (CONF_DIR / section).glob("*.yaml"))
-        references = [compose([f"profile={raw['profile']}", f"{section}={option}"]) for option in options]
+        stamp = tuple((str(path), path.stat().st_mtime_ns) for path in sorted(CONF_DIR.rglob("*.yaml")))
+        references = [_reference(raw["profile"], section, option, stamp) for option in options]
         overridden += [key for key in keys if all(_at(raw, key) != _at(ref, key) for ref in references)]
     return overridden
+
+
+@functools.lru_cache(maxsize=32)
+def _reference(profile: str, section: str, option: str, stamp: tuple) -> dict[str, Any]:
+    """`conf/` composed for one option of a group, cached while `conf/` is unchanged (`stamp`: its files and their
+    times): every load compares against the same few compositions, 0.4 s a load uncached."""
+    return compose([f"profile={profile}", f"{section}={option}"])
 
 
 def _at(tree: dict[str, Any], key: str) -> Any:

@@ -153,6 +153,7 @@ def test_a_resumed_fit_draws_what_an_uninterrupted_one_draws(setup):
         assert row == pytest.approx(reference, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow  # fits the model twice or more
 def test_a_resumed_fit_continues_the_early_stopping_and_plateau_counters(setup):
     """A learning rate too small to change any prediction makes every epoch after the first a plateau: early stopping
     (patience 2) ends an uninterrupted fit after epoch 3, the plateau halves the rate after epoch 2. A fit killed
@@ -177,6 +178,7 @@ def test_a_resumed_fit_continues_the_early_stopping_and_plateau_counters(setup):
     assert resumed.best_epoch == uninterrupted.best_epoch == 0
 
 
+@pytest.mark.slow  # fits the model twice or more
 def test_a_fit_that_early_stopping_ended_is_not_trained_further(setup):
     cfg, splits, work = setup
     cfg.cnn.train.patience = 1
