@@ -72,12 +72,13 @@ def test_the_smoke_pipeline_on_jax_lands_on_the_server(repo, tmp_path, tracking_
     with JAX and no TensorFlow: every stage runs, the logged models say they need JAX, and Grad-CAM draws its maps
     through JAX's gradients. Tracked on the server: every run, metric history, artifact and model is there."""
     # the suite's longest test: the flip for cnn_aug's augmentation (XLA on this CPU compiles the pad-and-crop,
-    # Keras's RandomTranslation, for about 40 s; TensorFlow runs it in the other smoke test), and a cnn of 3,000
-    # images, not the profile's 8,000 (an epoch on JAX here costs 3 on TensorFlow): it stays near chance, transfer's
-    # head shows that a fit on JAX learns, and the TensorFlow smoke test that each stage does; no searches (the
-    # TensorFlow smoke test and test_tuning run them: here each trial would be XLA compiles, about 40 s)
-    lighter = ["-S", "data.augment.crop_px=0", "-S", "data.augment.flip=true", "-S", "cnn.train.min_images=3000",
-               "-S", "cnn.search.enabled=false", "-S", "transfer.search.enabled=false"]
+    # Keras's RandomTranslation, for about 40 s; TensorFlow runs it in the other smoke test), and a cnn and cnn_aug
+    # of 3 epochs, not the profile's 30 and 12 (an epoch on JAX here costs 3 on TensorFlow): they stay near chance,
+    # transfer's head shows that a fit on JAX learns, and the TensorFlow smoke test that each stage does; no
+    # searches (the TensorFlow smoke test and test_tuning run them: here each trial would be XLA compiles, 40 s)
+    lighter = ["-S", "data.augment.crop_px=0", "-S", "data.augment.flip=true", "-S", "cnn.train.min_images=600",
+               "-S", "cnn_aug.train.min_images=600", "-S", "cnn.search.enabled=false",
+               "-S", "transfer.search.enabled=false"]
     result = subprocess.run(["dvc", "exp", "run", *SMALL, *lighter, *tracking_server.overrides], cwd=repo,
                             capture_output=True, text=True, env={**environment(), "KERAS_BACKEND": "jax"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
