@@ -39,7 +39,7 @@ def write_analysis(dest: Path, y_true: np.ndarray, y_prob: np.ndarray, images: n
     fig, axes = plt.subplots(1, 2, figsize=(2 * _matrix_inches(classes), _matrix_inches(classes)))
     draw_matrix(axes[0], counts, classes, "test confusion (counts)", fmt="d")
     draw_matrix(axes[1], normalized, classes, "test confusion (share of each true class)", fmt=".2f")
-    _save(fig, dest / "confusion_matrix.png")
+    save_figure(fig, dest / "confusion_matrix.png")
     _write_rows(dest / "confused_pairs.csv", confused_pairs(counts, classes), PAIR_FIELDS)
     accuracy_rows = per_class_accuracy(y_true, y_prob, classes)
     _write_rows(dest / "per_class_accuracy.csv", accuracy_rows, CLASS_FIELDS)
@@ -170,8 +170,7 @@ def plot_images(path: Path, images: np.ndarray, captions: Sequence[str],
     rows = max(math.ceil(len(images) / cols), 1)
     fig = plt.figure(figsize=(CELL_INCHES[0] * cols, CELL_INCHES[1] * rows))
     _draw_images(fig.add_axes((0, 0, 1, 1)), images, captions, overlays, cols, empty="no misclassified images")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _write(fig, path)
 
 
 def plot_image_sections(path: Path, sections: Sequence[tuple[str, np.ndarray, Sequence[str]]]) -> None:
@@ -184,14 +183,13 @@ def plot_image_sections(path: Path, sections: Sequence[tuple[str, np.ndarray, Se
     for sub, (title, images, captions) in zip(subfigures, sections, strict=True):
         _draw_images(sub.subplots(), images, captions, None, cols, empty="none")
         sub.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _write(fig, path)
 
 
 def _draw_images(ax, images: np.ndarray, captions: Sequence[str], overlays: np.ndarray | None, cols: int,
                  empty: str) -> None:
     """The images side by side on the one axes, in cells of CELL_INCHES (axes coordinates in inches), each
-    captioned above. One axes per image cost the stages' Grad-CAM figure 2-4 s to draw; this, a tenth of that."""
+    captioned above. An axes per image made a 32-image Grad-CAM figure cost 1.9 s to draw; this, 0.8 s."""
     width, height = CELL_INCHES
     rows = max(math.ceil(len(images) / cols), 1)
     side = width - 2 * CELL_MARGIN  # square tiles; the rest of a cell's height holds its caption
@@ -225,7 +223,7 @@ def plot_history(path: Path, history: list[dict[str, float]]) -> None:
         ax.set_xlabel("epoch")
         ax.set_title(key.replace("_", " "), fontsize=10)
         ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def caption(classes: list[str], true: int, prob: np.ndarray) -> str:
@@ -246,7 +244,7 @@ def _plot_per_class(path: Path, rows: list[dict]) -> None:
     ax.set_xlim(0, 1)
     ax.set_xlabel("test accuracy of the class (recall)")
     ax.set_title("per-class accuracy, worst first", fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _plot_confidence(path: Path, y_true: np.ndarray, y_prob: np.ndarray) -> None:
@@ -259,7 +257,7 @@ def _plot_confidence(path: Path, y_true: np.ndarray, y_prob: np.ndarray) -> None
     ax.set_ylabel("test images")
     ax.set_title("confidence when right and when wrong", fontsize=10)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _matrix_inches(classes: list[str]) -> float:
@@ -273,7 +271,12 @@ def _write_rows(path: Path, rows: list[dict], fields: tuple[str, ...]) -> None:
         writer.writerows(rows)
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+    """A figure laid out (tight), written as the stages' PNGs are, and closed."""
     fig.tight_layout()
+    _write(fig, path)
+
+
+def _write(fig, path: Path) -> None:
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -37,6 +37,7 @@ from pipeline.analysis import (
     prediction_label,
     read_matrix_csv,
     read_predictions,
+    save_figure,
     write_matrix_csv,
 )
 from pipeline.data.split import load_split
@@ -151,9 +152,7 @@ def confusion_difference(matrices: list[tuple[np.ndarray, list[str]]], names: li
     fig, ax = plt.subplots(figsize=(7, 6))
     draw_matrix(ax, difference, classes, f"confusion B - A (share of true class)\nA = {names[0]}, B = {names[1]}",
                 fmt="+.2f", diverging=True)
-    fig.tight_layout()
-    fig.savefig(out / "confusion_difference.png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, out / "confusion_difference.png")
     off = difference.copy()
     np.fill_diagonal(off, 0)
     lines = []

@@ -75,6 +75,7 @@ def overridden_search_keys(raw: dict[str, Any]) -> list[str]:
     from pipeline.search_space import SEARCHABLE, flat_key
 
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), raw))  # raw is valid: validate ran
+    stamp = tuple((str(path), path.stat().st_mtime_ns) for path in sorted(CONF_DIR.rglob("*.yaml")))
     overridden = []
     for section in SEARCHABLE:
         config = getattr(cfg, section)
@@ -82,7 +83,6 @@ def overridden_search_keys(raw: dict[str, Any]) -> list[str]:
             continue
         keys = [flat_key(section, config, name) for name in config.search.space]
         options = sorted(p.stem for p in (CONF_DIR / section).glob("*.yaml"))
-        stamp = tuple((str(path), path.stat().st_mtime_ns) for path in sorted(CONF_DIR.rglob("*.yaml")))
         references = [_reference(raw["profile"], section, option, stamp) for option in options]
         overridden += [key for key in keys if all(_at(raw, key) != _at(ref, key) for ref in references)]
     return overridden

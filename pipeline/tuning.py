@@ -287,6 +287,8 @@ def _plot_trials(path: Path, rows: list[dict[str, Any]], params: list[Param], ob
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pipeline.analysis import save_figure
+
     width = 3.2 * (len(params) + 1)
     fig, axes = plt.subplots(1, len(params) + 1, figsize=(width, 3.4), squeeze=False)
     for ax, p in zip(axes[0][:-1], params, strict=True):
@@ -307,9 +309,7 @@ def _plot_trials(path: Path, rows: list[dict[str, Any]], params: list[Param], ob
     _plot_importance(axes[0][-1], params, importance)
     title = f"{len(rows)} trials" + ("" if importance["trustworthy"] else f": {importance['note']}")
     fig.suptitle(textwrap.fill(title, width=int(12 * width)), fontsize=10)  # about 12 characters an inch
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _plot_importance(ax, params: list[Param], importance: dict[str, Any]) -> None:
