@@ -7,6 +7,7 @@ to the 54,000 images of the full split, so that the spread within one run shows 
 
     python bench/step_time.py                                   # the stage's precision, no XLA, batch 256
     python bench/step_time.py --precision float32 --jit --batch-size 512
+    python bench/step_time.py --keras-batch-norm                # Keras' own batch-norm ops, not the fused kernel
 """
 
 from __future__ import annotations
@@ -26,14 +27,15 @@ from pipeline.training import compile_model
 IMAGES, FULL_SPLIT = 10_240, 54_000
 
 
-def epoch_seconds(precision: str | None, jit: bool, batch_size: int, repeats: int) -> list[float]:
+def epoch_seconds(precision: str | None, jit: bool, batch_size: int, repeats: int, keras_bn: bool) -> list[float]:
     cnn = config.load(REPO / "params.yaml").cnn
     keras.mixed_precision.set_global_policy(precision or cnn.train.precision)
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (IMAGES, 28, 28, 1), dtype=np.uint8)
     y = keras.utils.to_categorical(rng.integers(0, 10, IMAGES), 10)
     model = build_cnn_from(cnn, x.shape[1:], 10)
-    compile_model(model, dataclasses.replace(cnn.train, batch_size=batch_size), FULL_SPLIT)
+    train = dataclasses.replace(cnn.train, batch_size=batch_size, fused_batch_norm=not keras_bn)
+    compile_model(model, train, FULL_SPLIT)
     model.jit_compile = jit  # compile_model leaves it to Keras: off on a CPU-only machine
     model.fit(x[:3 * batch_size], y[:3 * batch_size], batch_size=batch_size, verbose=0)  # compile, untimed
     times = []
@@ -50,10 +52,13 @@ def main() -> None:
     parser.add_argument("--jit", action="store_true", help="XLA (jit_compile=True); Keras' default on a CPU is off")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--keras-batch-norm", action="store_true",
+                        help="Keras' own batch-norm ops, not the fused kernel (train.fused_batch_norm)")
     args = parser.parse_args()
-    times = epoch_seconds(args.precision, args.jit, args.batch_size, args.repeats)
+    times = epoch_seconds(args.precision, args.jit, args.batch_size, args.repeats, args.keras_batch_norm)
     policy = keras.mixed_precision.global_policy().name
-    print(f"{keras.backend.backend()} {policy} jit={args.jit} batch {args.batch_size}: "
+    norm = "keras" if args.keras_batch_norm else "fused"
+    print(f"{keras.backend.backend()} {policy} jit={args.jit} batch {args.batch_size} batch norm {norm}: "
           f"{' '.join(f'{t:.0f}' for t in times)} s per full-split epoch")
 
 

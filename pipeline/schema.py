@@ -92,6 +92,7 @@ class TrainConfig:
     label_smoothing: float = setting(ge=0.0, lt=1.0)
     ema: bool = setting()  # evaluate and keep an exponential moving average of the weights (momentum 0.99)
     precision: str = setting(choices=PRECISIONS)  # mixed: bfloat16 compute, float32 weights
+    fused_batch_norm: bool = setting()  # batch norm trained with TensorFlow's fused kernel (pipeline.batch_norm)
     patience: Optional[int] = setting(ge=1, optional=True)  # epochs without a better val_accuracy before stopping;
     # null: never stop early (a schedule that anneals to zero wants its last epochs)
     seeds: list[int] = setting(ge=0)  # []: one fit with the global `seed`; two or more: the final model once per

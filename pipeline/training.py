@@ -35,6 +35,7 @@ import keras
 import numpy as np
 
 from pipeline import tracking
+from pipeline.batch_norm import fuse_batch_norm
 from pipeline.data.split import Arrays, Splits
 from pipeline.deps import code_digest
 from pipeline.evaluation import evaluate
@@ -141,7 +142,10 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.O
 
 
 def compile_model(model: keras.Model, cfg: TrainConfig, n_train: int) -> None:
-    """Compile for one-hot targets (`one_hot`): Keras' sparse loss has no label smoothing."""
+    """Compile for one-hot targets (`one_hot`): Keras' sparse loss has no label smoothing. Batch norm trains with
+    TensorFlow's fused kernel if `fused_batch_norm` (`pipeline.batch_norm`)."""
+    if cfg.fused_batch_norm:
+        fuse_batch_norm(model)
     model.compile(optimizer=make_optimizer(cfg, math.ceil(n_train / cfg.batch_size)),
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
                   metrics=["accuracy"])
