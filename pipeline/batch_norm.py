@@ -23,7 +23,8 @@ def fuse_batch_norm(model: keras.Model) -> int:
         return 0
     fused = 0
     for layer in nested_layers(model):
-        if type(layer) is keras.layers.BatchNormalization and layer.axis in (-1, 3) and not layer.renorm:
+        if (type(layer) is keras.layers.BatchNormalization and layer.axis in (-1, 3) and not layer.renorm
+                and not layer.synchronized):  # the op's moments are this replica's
             if "call" not in vars(layer):  # not yet: the instance's own `call` is the fused one
                 layer.call = _fused_call(layer, layer.call)
             fused += 1
