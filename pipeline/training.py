@@ -52,6 +52,7 @@ from pipeline.fit_state import (
 )
 from pipeline.gradcam import write_gradcam
 from pipeline.models import nested_layers
+from pipeline.models.augment import compile_augmentation_on_jax
 from pipeline.outputs import predict_timed, save_keras_model, write_stage_outputs
 from pipeline.paths import work_dir
 from pipeline.schema import Config, TrainConfig
@@ -143,9 +144,11 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.O
 
 def compile_model(model: keras.Model, cfg: TrainConfig, n_train: int) -> None:
     """Compile for one-hot targets (`one_hot`): Keras' sparse loss has no label smoothing. Batch norm trains with
-    TensorFlow's fused kernel if `fused_batch_norm` (`pipeline.batch_norm`)."""
+    TensorFlow's fused kernel if `fused_batch_norm` (`pipeline.batch_norm`); on JAX, XLA compiles the augmentation
+    with the model (`compile_augmentation_on_jax`)."""
     if cfg.fused_batch_norm:
         fuse_batch_norm(model)
+    compile_augmentation_on_jax(model)
     model.compile(optimizer=make_optimizer(cfg, math.ceil(n_train / cfg.batch_size)),
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
                   metrics=["accuracy"])

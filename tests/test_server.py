@@ -71,12 +71,12 @@ def test_the_smoke_pipeline_on_jax_lands_on_the_server(repo, tmp_path, tracking_
     """Both paths off the default in one smoke run, to keep the suite short. KERAS_BACKEND=jax, as on a GPU machine
     with JAX and no TensorFlow: every stage runs, the logged models say they need JAX, and Grad-CAM draws its maps
     through JAX's gradients. Tracked on the server: every run, metric history, artifact and model is there."""
-    # the suite's longest test: the flip for cnn_aug's augmentation (XLA on this CPU compiles the pad-and-crop,
-    # Keras's RandomTranslation, for about 40 s; TensorFlow runs it in the other smoke test), and a cnn and cnn_aug
-    # of 3 epochs, not the profile's 30 and 12 (an epoch on JAX here costs 3 on TensorFlow): they stay near chance,
-    # transfer's head shows that a fit on JAX learns, and the TensorFlow smoke test that each stage does; no
-    # searches (the TensorFlow smoke test and test_tuning run them: here each trial would be XLA compiles, 40 s)
-    lighter = ["-S", "data.augment.crop_px=0", "-S", "data.augment.flip=true", "-S", "cnn.train.min_images=600",
+    # the suite's longest test: cnn_aug with the data set's augmentation (flip and pad-and-crop, which XLA compiles
+    # with the model: `augment.compile_augmentation_on_jax`), and a cnn and cnn_aug of 3 epochs, not the profile's
+    # 30 and 12 (an epoch on JAX here costs 3 on TensorFlow): they stay near chance, transfer's head shows that a fit
+    # on JAX learns, and the TensorFlow smoke test that each stage does; no searches (the TensorFlow smoke test and
+    # test_tuning run them: here each trial would be XLA compiles)
+    lighter = ["-S", "data.augment.flip=true", "-S", "cnn.train.min_images=600",
                "-S", "cnn_aug.train.min_images=600", "-S", "cnn.search.enabled=false",
                "-S", "transfer.search.enabled=false"]
     result = subprocess.run(["dvc", "exp", "run", *SMALL, *lighter, *tracking_server.overrides], cwd=repo,
