@@ -66,8 +66,6 @@ def restore(model: keras.Model, directory: Path, state: FitState) -> None:
     """Give a compiled model the committed epoch's weights and optimizer state (step, learning rate, moments)."""
     if state.weights is None:
         return
-    if not model.optimizer.built:
-        model.optimizer.build(model.trainable_variables)
     model.load_weights(directory / state.weights)
 
 

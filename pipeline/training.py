@@ -125,33 +125,64 @@ def built_in(policy: str, build: Callable[[], keras.Model]) -> keras.Model:
     return model
 
 
-def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    """The optimizer with its schedule: cosine runs to zero at the last step, after `warmup` of the steps rising from
-    lr/25 (one-cycle); EMA of the weights if `ema` (SwapEMAWeights in `fit` evaluates and keeps it)."""
-    lr = cfg.lr
-    steps = cfg.epochs * steps_per_epoch
-    warmup = int(cfg.warmup * steps)
-    if cfg.lr_schedule == "cosine":
-        lr = keras.optimizers.schedules.CosineDecay(cfg.lr / 25 if warmup else cfg.lr, decay_steps=steps - warmup,
-                                                    warmup_target=cfg.lr if warmup else None, warmup_steps=warmup)
+def make_optimizer(cfg: TrainConfig) -> keras.optimizers.Optimizer:
+    """The optimizer at `cfg.lr` (a cosine schedule sets each step's rate: `step_schedule`); EMA of the weights if
+    `ema` (SwapEMAWeights in `fit` evaluates and keeps it)."""
     common = dict(use_ema=cfg.ema, ema_momentum=0.99)
     if cfg.optimizer == "sgd":
-        return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay or None, **common)
+        return keras.optimizers.SGD(cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay or None,
+                                    **common)
     if cfg.optimizer == "adamw":
-        return keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay, **common)
-    return keras.optimizers.Adam(lr, weight_decay=cfg.weight_decay or None, **common)
+        return keras.optimizers.AdamW(cfg.lr, weight_decay=cfg.weight_decay, **common)
+    return keras.optimizers.Adam(cfg.lr, weight_decay=cfg.weight_decay or None, **common)
 
 
-def compile_model(model: keras.Model, cfg: TrainConfig, n_train: int) -> None:
+class WarmupCosine(keras.callbacks.Callback):
+    """Sets the learning rate before every step: rising linearly from lr/25 over the first `warmup` of the `steps`
+    (one-cycle), then a cosine to zero at the last step. A callback, not a Keras `LearningRateSchedule`: the
+    optimizer evaluates a schedule once per variable in the traced train step (AdamW's weight decay), each time with
+    CosineDecay's warm-up `cond`, which made tracing cost 2.2 s more CPU in every fit, the tuner's trials included
+    (docs/decisions.md); and the optimizer a model is saved with holds a plain number."""
+
+    def __init__(self, lr: float, steps: int, warmup: float):
+        super().__init__()
+        self.lr, self.steps, self.warmup_steps = lr, steps, int(warmup * steps)
+        self.step = 0
+
+    def rate(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.lr / 25 + (self.lr - self.lr / 25) * step / self.warmup_steps
+        done = min(step - self.warmup_steps, self.steps - self.warmup_steps) / (self.steps - self.warmup_steps)
+        return 0.5 * self.lr * (1 + math.cos(math.pi * done))
+
+    def on_train_begin(self, logs=None):
+        self.step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))  # resumed fits go on
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.model.optimizer.learning_rate = self.rate(self.step)
+        self.step += 1
+
+
+def step_schedule(cfg: TrainConfig, steps_per_epoch: int) -> list[keras.callbacks.Callback]:
+    """The callback that sets each step's learning rate, for `cfg.epochs` of `steps_per_epoch` (none but with the
+    cosine schedule)."""
+    if cfg.lr_schedule != "cosine":
+        return []
+    return [WarmupCosine(cfg.lr, cfg.epochs * steps_per_epoch, cfg.warmup)]
+
+
+def compile_model(model: keras.Model, cfg: TrainConfig) -> None:
     """Compile for one-hot targets (`one_hot`): Keras' sparse loss has no label smoothing. Batch norm trains with
     TensorFlow's fused kernel if `fused_batch_norm` (`pipeline.batch_norm`); on JAX, XLA compiles the augmentation
-    with the model (`compile_augmentation_on_jax`)."""
+    with the model (`compile_augmentation_on_jax`). The optimizer's variables are made here: made inside the first
+    traced step instead (Keras does so without a distribution strategy), they make TensorFlow trace it twice."""
     if cfg.fused_batch_norm:
         fuse_batch_norm(model)
     compile_augmentation_on_jax(model)
-    model.compile(optimizer=make_optimizer(cfg, math.ceil(n_train / cfg.batch_size)),
+    model.compile(optimizer=make_optimizer(cfg),
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
                   metrics=["accuracy"])
+    model.optimizer.build(model.trainable_variables)
 
 
 def one_hot(data: Arrays, n_classes: int) -> Arrays:
@@ -199,7 +230,8 @@ def fit(model: keras.Model, train: tuple[np.ndarray, np.ndarray], val: tuple[np.
     commit = CommitEpoch(work_dir, state, MONITOR, counted(schedule))
     n_classes = model.output_shape[-1]
     batches = SeededBatches(*one_hot(train, n_classes), cfg.batch_size, seed)
-    callbacks = [SeedEpochs(batches), _LogLearningRate(), TrackEpochs(), *schedule, SaveTrainingState(work_dir),
+    callbacks = [SeedEpochs(batches), *step_schedule(cfg, len(batches)), _LogLearningRate(), TrackEpochs(), *schedule,
+                 SaveTrainingState(work_dir),
                  *([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if cfg.ema else []), commit]
     start = time.perf_counter()
     if not state.stopped:
@@ -302,7 +334,7 @@ def train_and_test(stage: str, make_model: Callable[[int], keras.Model], seed: i
     """One seed's fit (state in `directory`, by default the stage's `fit/`) and its model's test predictions."""
     keras.utils.set_random_seed(seed)
     model = built_in(cfg.precision, lambda: make_model(seed))
-    compile_model(model, cfg, len(data[0][1]))
+    compile_model(model, cfg)
     result = fit(model, *data, cfg, directory or work_dir(stage) / "fit", key, seed)
     return tested(stage, model, result, splits, trunk)
 

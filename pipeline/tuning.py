@@ -102,7 +102,7 @@ def _search(stage, section, params, build, train, val, tuner_cfg, seed) -> dict[
     import keras
     import keras_tuner
 
-    from pipeline.training import TrackEpochs, built_in, compile_model, one_hot, progress
+    from pipeline.training import TrackEpochs, built_in, compile_model, one_hot, progress, step_schedule
 
     growing = tuner_cfg.subset_mode == "growing" and tuner_cfg.subset is not None
     x, y = train if growing else _subset(train, tuner_cfg.subset, seed)
@@ -127,7 +127,8 @@ def _search(stage, section, params, build, train, val, tuner_cfg, seed) -> dict[
                 kwargs["steps_per_epoch"] = max(1, round(tuner_cfg.subset / batch))
                 per_epoch = kwargs["steps_per_epoch"] * batch
                 x, y = epoch_chunks((x, y), order, per_epoch, first, kwargs["epochs"])
-            compile_model(model, rounds, per_epoch)
+            compile_model(model, rounds)
+            kwargs["callbacks"] = [*kwargs.get("callbacks", []), *step_schedule(rounds, -(-per_epoch // batch))]
             return model.fit(*one_hot((x, y), n_classes), validation_data=one_hot(validation_data, n_classes),
                              batch_size=batch, **kwargs)
 

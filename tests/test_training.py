@@ -17,6 +17,7 @@ from pipeline.models.augment import build_augmentation
 from pipeline.models.cnn import build_cnn_from
 from pipeline.paths import SPLIT_DIR, work_dir
 from pipeline.training import (
+    WarmupCosine,
     budgeted,
     compile_model,
     fit,
@@ -47,7 +48,7 @@ def make_model(cfg, splits, augmented: bool = False):
     keras.utils.set_random_seed(cfg.seed)
     augmentation = build_augmentation(cfg.data.augment, cfg.seed, splits.image_shape) if augmented else None
     model = build_cnn_from(cfg.cnn, splits.image_shape, len(splits.classes), augmentation=augmentation)
-    compile_model(model, cfg.cnn.train, len(splits.train[1]))
+    compile_model(model, cfg.cnn.train)
     return model
 
 
@@ -101,6 +102,20 @@ def test_best_epoch_weights_are_kept(setup, ema):
     assert accuracy == pytest.approx(best, abs=1e-6)
     assert result.history[result.best_epoch]["val_accuracy"] == best
     assert all(np.isfinite(row["learning_rate"]) for row in result.history)
+
+
+@pytest.mark.parametrize("warmup", [0.0, 0.25])
+def test_the_step_schedule_is_keras_cosine_decay_with_warm_up(warmup):
+    """WarmupCosine sets, step by step, the rates of the Keras schedule it replaces (CosineDecay from lr/25 with
+    linear warm-up to lr), ending at zero."""
+    lr, steps = 3e-3, 40
+    warm = int(warmup * steps)
+    keras_schedule = keras.optimizers.schedules.CosineDecay(lr / 25 if warm else lr, decay_steps=steps - warm,
+                                                            warmup_target=lr if warm else None, warmup_steps=warm)
+    schedule = WarmupCosine(lr, steps, warmup)
+    ours = [schedule.rate(step) for step in range(steps + 1)]
+    assert ours == pytest.approx([float(keras_schedule(step)) for step in range(steps + 1)], rel=1e-5, abs=1e-9)
+    assert ours[warm] == pytest.approx(lr) and ours[-1] == pytest.approx(0, abs=1e-12)
 
 
 class ScrambleBeforeValidation(keras.callbacks.Callback):
@@ -253,7 +268,7 @@ from tests.conftest import load_config
 cfg = load_config("cnn.filters=4", "cnn.blocks=1", "cnn.train.batch_size=32", "data.augment.crop_px=2",
                   "data.augment.flip=true", "data.augment.zoom=0.1", "data.augment.rotation=0.05")
 model = build_cnn_from(cfg.cnn, (28, 28, 1), 10, build_augmentation(cfg.data.augment, cfg.seed, (28, 28, 1)))
-compile_model(model, cfg.cnn.train, 64)
+compile_model(model, cfg.cnn.train)
 images = np.random.default_rng(0).integers(0, 256, (64, 28, 28, 1), dtype=np.uint8)
 model.fit(images, np.eye(10, dtype="float32")[np.arange(64) % 10], batch_size=32, epochs=1, verbose=0)
 print("jit_compile", model.jit_compile)
