@@ -35,7 +35,7 @@ def epoch_seconds(precision: str | None, jit: bool, batch_size: int, repeats: in
     y = keras.utils.to_categorical(rng.integers(0, 10, IMAGES), 10)
     model = build_cnn_from(cnn, x.shape[1:], 10)
     train = dataclasses.replace(cnn.train, batch_size=batch_size, fused_batch_norm=not keras_bn)
-    compile_model(model, train)
+    compile_model(model, train, -(-FULL_SPLIT // train.batch_size))
     model.jit_compile = jit  # compile_model leaves it to Keras: off on a CPU-only machine
     model.fit(x[:3 * batch_size], y[:3 * batch_size], batch_size=batch_size, verbose=0)  # compile, untimed
     times = []

@@ -125,24 +125,28 @@ def built_in(policy: str, build: Callable[[], keras.Model]) -> keras.Model:
     return model
 
 
-def make_optimizer(cfg: TrainConfig) -> keras.optimizers.Optimizer:
-    """The optimizer at `cfg.lr` (a cosine schedule sets each step's rate: `step_schedule`); EMA of the weights if
-    `ema` (SwapEMAWeights in `fit` evaluates and keeps it)."""
+def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """The optimizer at `cfg.lr`, whose cosine schedule (`WarmupCosine`) a callback applies (`step_schedule`), or on JAX
+    the step itself; EMA of the weights if `ema` (SwapEMAWeights in `fit` evaluates and keeps it)."""
+    lr = cfg.lr
+    if cfg.lr_schedule == "cosine" and keras.backend.backend() == "jax":
+        lr = WarmupCosine(cfg.lr, cfg.epochs * steps_per_epoch, cfg.warmup).keras_schedule()
     common = dict(use_ema=cfg.ema, ema_momentum=0.99)
     if cfg.optimizer == "sgd":
-        return keras.optimizers.SGD(cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay or None,
-                                    **common)
+        return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay or None, **common)
     if cfg.optimizer == "adamw":
-        return keras.optimizers.AdamW(cfg.lr, weight_decay=cfg.weight_decay, **common)
-    return keras.optimizers.Adam(cfg.lr, weight_decay=cfg.weight_decay or None, **common)
+        return keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay, **common)
+    return keras.optimizers.Adam(lr, weight_decay=cfg.weight_decay or None, **common)
 
 
 class WarmupCosine(keras.callbacks.Callback):
     """Sets the learning rate before every step: rising linearly from lr/25 over the first `warmup` of the `steps`
-    (one-cycle), then a cosine to zero at the last step. A callback, not a Keras `LearningRateSchedule`: the
+    (one-cycle), then a cosine to zero at the last step. A callback, not a Keras `LearningRateSchedule`: TensorFlow's
     optimizer evaluates a schedule once per variable in the traced train step (AdamW's weight decay), each time with
     CosineDecay's warm-up `cond`, which made tracing cost 2.2 s more CPU in every fit, the tuner's trials included
-    (docs/decisions.md); and the optimizer a model is saved with holds a plain number."""
+    (docs/decisions.md); and the optimizer a model is saved with holds a plain number. JAX's trainer hands the step
+    the optimizer's variables once per epoch, not after each callback, so there the same schedule is Keras'
+    (`keras_schedule`), compiled into the step."""
 
     def __init__(self, lr: float, steps: int, warmup: float):
         super().__init__()
@@ -155,6 +159,11 @@ class WarmupCosine(keras.callbacks.Callback):
         done = min(step - self.warmup_steps, self.steps - self.warmup_steps) / (self.steps - self.warmup_steps)
         return 0.5 * self.lr * (1 + math.cos(math.pi * done))
 
+    def keras_schedule(self) -> keras.optimizers.schedules.LearningRateSchedule:
+        warm = self.warmup_steps
+        return keras.optimizers.schedules.CosineDecay(self.lr / 25 if warm else self.lr, self.steps - warm,
+                                                      warmup_target=self.lr if warm else None, warmup_steps=warm)
+
     def on_train_begin(self, logs=None):
         self.step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))  # resumed fits go on
 
@@ -165,13 +174,13 @@ class WarmupCosine(keras.callbacks.Callback):
 
 def step_schedule(cfg: TrainConfig, steps_per_epoch: int) -> list[keras.callbacks.Callback]:
     """The callback that sets each step's learning rate, for `cfg.epochs` of `steps_per_epoch` (none but with the
-    cosine schedule)."""
-    if cfg.lr_schedule != "cosine":
+    cosine schedule, and none on JAX: `WarmupCosine`)."""
+    if cfg.lr_schedule != "cosine" or keras.backend.backend() == "jax":
         return []
     return [WarmupCosine(cfg.lr, cfg.epochs * steps_per_epoch, cfg.warmup)]
 
 
-def compile_model(model: keras.Model, cfg: TrainConfig) -> None:
+def compile_model(model: keras.Model, cfg: TrainConfig, steps_per_epoch: int) -> None:
     """Compile for one-hot targets (`one_hot`): Keras' sparse loss has no label smoothing. Batch norm trains with
     TensorFlow's fused kernel if `fused_batch_norm` (`pipeline.batch_norm`); on JAX, XLA compiles the augmentation
     with the model (`compile_augmentation_on_jax`). The optimizer's variables are made here: made inside the first
@@ -179,7 +188,7 @@ def compile_model(model: keras.Model, cfg: TrainConfig) -> None:
     if cfg.fused_batch_norm:
         fuse_batch_norm(model)
     compile_augmentation_on_jax(model)
-    model.compile(optimizer=make_optimizer(cfg),
+    model.compile(optimizer=make_optimizer(cfg, steps_per_epoch),
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
                   metrics=["accuracy"])
     model.optimizer.build(model.trainable_variables)
@@ -334,7 +343,7 @@ def train_and_test(stage: str, make_model: Callable[[int], keras.Model], seed: i
     """One seed's fit (state in `directory`, by default the stage's `fit/`) and its model's test predictions."""
     keras.utils.set_random_seed(seed)
     model = built_in(cfg.precision, lambda: make_model(seed))
-    compile_model(model, cfg)
+    compile_model(model, cfg, math.ceil(len(data[0][1]) / cfg.batch_size))
     result = fit(model, *data, cfg, directory or work_dir(stage) / "fit", key, seed)
     return tested(stage, model, result, splits, trunk)
 

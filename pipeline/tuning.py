@@ -127,8 +127,9 @@ def _search(stage, section, params, build, train, val, tuner_cfg, seed) -> dict[
                 kwargs["steps_per_epoch"] = max(1, round(tuner_cfg.subset / batch))
                 per_epoch = kwargs["steps_per_epoch"] * batch
                 x, y = epoch_chunks((x, y), order, per_epoch, first, kwargs["epochs"])
-            compile_model(model, rounds)
-            kwargs["callbacks"] = [*kwargs.get("callbacks", []), *step_schedule(rounds, -(-per_epoch // batch))]
+            steps = -(-per_epoch // batch)
+            compile_model(model, rounds, steps)
+            kwargs["callbacks"] = [*kwargs.get("callbacks", []), *step_schedule(rounds, steps)]
             return model.fit(*one_hot((x, y), n_classes), validation_data=one_hot(validation_data, n_classes),
                              batch_size=batch, **kwargs)
 

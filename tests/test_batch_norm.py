@@ -66,7 +66,7 @@ def test_fusing_twice_changes_nothing_and_the_saved_model_is_plain_keras(tmp_pat
     n_bn = sum(isinstance(layer, layers.BatchNormalization) for layer in model.layers)
     assert fuse_batch_norm(model) == n_bn > 0
     calls = [vars(layer)["call"] for layer in model.layers if "call" in vars(layer)]
-    compile_model(model, cfg.train)  # fuses again (cfg.train.fused_batch_norm): a no-op
+    compile_model(model, cfg.train, 1)  # fuses again (cfg.train.fused_batch_norm): a no-op
     assert [vars(layer)["call"] for layer in model.layers if "call" in vars(layer)] == calls
     x = np.random.default_rng(0).integers(0, 256, (64, 28, 28, 1), dtype=np.uint8)
     model.fit(x, keras.utils.to_categorical(np.arange(64) % 10, 10), batch_size=32, verbose=0)
@@ -80,5 +80,5 @@ def test_fusing_twice_changes_nothing_and_the_saved_model_is_plain_keras(tmp_pat
 def test_off_leaves_keras_own_batch_norm():
     cfg = load_config("cnn.train.fused_batch_norm=false").cnn
     model = build_cnn_from(cfg, (28, 28, 1), 10)
-    compile_model(model, cfg.train)
+    compile_model(model, cfg.train, 1)
     assert not [layer.name for layer in model.layers if "call" in vars(layer)]

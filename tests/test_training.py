@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -48,7 +49,7 @@ def make_model(cfg, splits, augmented: bool = False):
     keras.utils.set_random_seed(cfg.seed)
     augmentation = build_augmentation(cfg.data.augment, cfg.seed, splits.image_shape) if augmented else None
     model = build_cnn_from(cfg.cnn, splits.image_shape, len(splits.classes), augmentation=augmentation)
-    compile_model(model, cfg.cnn.train)
+    compile_model(model, cfg.cnn.train, math.ceil(len(splits.train[1]) / cfg.cnn.train.batch_size))
     return model
 
 
@@ -113,6 +114,7 @@ def test_the_step_schedule_is_keras_cosine_decay_with_warm_up(warmup):
     keras_schedule = keras.optimizers.schedules.CosineDecay(lr / 25 if warm else lr, decay_steps=steps - warm,
                                                             warmup_target=lr if warm else None, warmup_steps=warm)
     schedule = WarmupCosine(lr, steps, warmup)
+    assert schedule.keras_schedule().get_config() == keras_schedule.get_config()  # what JAX compiles into the step
     ours = [schedule.rate(step) for step in range(steps + 1)]
     assert ours == pytest.approx([float(keras_schedule(step)) for step in range(steps + 1)], rel=1e-5, abs=1e-9)
     assert ours[warm] == pytest.approx(lr) and ours[-1] == pytest.approx(0, abs=1e-12)
@@ -263,23 +265,29 @@ JAX_FIT = """
 import numpy as np
 from pipeline.models.augment import build_augmentation
 from pipeline.models.cnn import build_cnn_from
-from pipeline.training import compile_model
+from pipeline.training import compile_model, step_schedule
 from tests.conftest import load_config
-cfg = load_config("cnn.filters=4", "cnn.blocks=1", "cnn.train.batch_size=32", "data.augment.crop_px=2",
-                  "data.augment.flip=true", "data.augment.zoom=0.1", "data.augment.rotation=0.05")
+cfg = load_config("cnn.filters=4", "cnn.blocks=1", "cnn.train.batch_size=32", "cnn.train.epochs=1",
+                  "data.augment.crop_px=2", "data.augment.flip=true", "data.augment.zoom=0.1",
+                  "data.augment.rotation=0.05")
 model = build_cnn_from(cfg.cnn, (28, 28, 1), 10, build_augmentation(cfg.data.augment, cfg.seed, (28, 28, 1)))
-compile_model(model, cfg.cnn.train)
+compile_model(model, cfg.cnn.train, 2)
 images = np.random.default_rng(0).integers(0, 256, (64, 28, 28, 1), dtype=np.uint8)
-model.fit(images, np.eye(10, dtype="float32")[np.arange(64) % 10], batch_size=32, epochs=1, verbose=0)
-print("jit_compile", model.jit_compile)
+model.fit(images, np.eye(10, dtype="float32")[np.arange(64) % 10], batch_size=32, epochs=1, verbose=0,
+          callbacks=step_schedule(cfg.cnn.train, 2))
+print("learning_rate", float(model.optimizer.learning_rate), "jit_compile", model.jit_compile)
 """
 
 
 def test_on_jax_the_augmentation_compiles_with_the_model():
     """Keras marks its affine augmentation layers (pad-and-crop, zoom, rotation) not XLA-compatible, which turns XLA
     off for the whole model; on JAX every training step then ran op by op (157 ms against 1.7 ms on an H200). After
-    `compile_model` the model, augmentation included, trains as one compiled program on JAX."""
+    `compile_model` the model, augmentation included, trains as one compiled program on JAX, and its cosine
+    schedule is in that program: JAX's trainer would not see a callback's rate before the epoch's end (the rate
+    of the last step, 0, is what the optimizer holds after the fit)."""
     done = subprocess.run([sys.executable, "-c", JAX_FIT], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "KERAS_BACKEND": "jax"})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split()[-2:] == ["jit_compile", "True"], done.stdout[-2000:]
+    words = done.stdout.split()
+    assert words[-2:] == ["jit_compile", "True"], done.stdout[-2000:]
+    assert float(words[-3]) == pytest.approx(0, abs=1e-9), done.stdout[-2000:]
