@@ -128,9 +128,8 @@ def built_in(policy: str, build: Callable[[], keras.Model]) -> keras.Model:
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
     """The optimizer at `cfg.lr`, whose cosine schedule (`WarmupCosine`) a callback applies (`step_schedule`), or on JAX
     the step itself; EMA of the weights if `ema` (SwapEMAWeights in `fit` evaluates and keeps it)."""
-    lr = cfg.lr
-    if cfg.lr_schedule == "cosine" and keras.backend.backend() == "jax":
-        lr = WarmupCosine(cfg.lr, cfg.epochs * steps_per_epoch, cfg.warmup).keras_schedule()
+    cosine = cosine_schedule(cfg, steps_per_epoch)
+    lr = cosine.keras_schedule() if cosine and schedule_in_step() else cfg.lr
     common = dict(use_ema=cfg.ema, ema_momentum=0.99)
     if cfg.optimizer == "sgd":
         return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay or None, **common)
@@ -172,12 +171,20 @@ class WarmupCosine(keras.callbacks.Callback):
         self.step += 1
 
 
+def cosine_schedule(cfg: TrainConfig, steps_per_epoch: int) -> WarmupCosine | None:
+    """`cfg`'s warm-up and cosine over its epochs of `steps_per_epoch`; None for the other schedules."""
+    return WarmupCosine(cfg.lr, cfg.epochs * steps_per_epoch, cfg.warmup) if cfg.lr_schedule == "cosine" else None
+
+
+def schedule_in_step() -> bool:
+    """Whether the cosine schedule is compiled into the train step (JAX), not set before each step (`WarmupCosine`)."""
+    return keras.backend.backend() == "jax"
+
+
 def step_schedule(cfg: TrainConfig, steps_per_epoch: int) -> list[keras.callbacks.Callback]:
-    """The callback that sets each step's learning rate, for `cfg.epochs` of `steps_per_epoch` (none but with the
-    cosine schedule, and none on JAX: `WarmupCosine`)."""
-    if cfg.lr_schedule != "cosine" or keras.backend.backend() == "jax":
-        return []
-    return [WarmupCosine(cfg.lr, cfg.epochs * steps_per_epoch, cfg.warmup)]
+    """The callback that sets each step's learning rate, where the step does not compute it (`schedule_in_step`)."""
+    cosine = cosine_schedule(cfg, steps_per_epoch)
+    return [cosine] if cosine and not schedule_in_step() else []
 
 
 def compile_model(model: keras.Model, cfg: TrainConfig, steps_per_epoch: int) -> None:
