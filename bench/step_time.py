@@ -8,6 +8,7 @@ to the 54,000 images of the full split, so that the spread within one run shows 
     python bench/step_time.py                                   # the stage's precision, no XLA, batch 256
     python bench/step_time.py --precision float32 --jit --batch-size 512
     python bench/step_time.py --keras-batch-norm                # Keras' own batch-norm ops, not the fused kernel
+    python bench/step_time.py --augment                         # with the data set's augmentation, as cnn_aug trains
 """
 
 from __future__ import annotations
@@ -21,19 +22,23 @@ import numpy as np
 from run_pipeline import REPO
 
 from pipeline import config
+from pipeline.models.augment import build_augmentation
 from pipeline.models.cnn import build_cnn_from
 from pipeline.training import compile_model
 
 IMAGES, FULL_SPLIT = 10_240, 54_000
 
 
-def epoch_seconds(precision: str | None, jit: bool, batch_size: int, repeats: int, keras_bn: bool) -> list[float]:
-    cnn = config.load(REPO / "params.yaml").cnn
+def epoch_seconds(precision: str | None, jit: bool, batch_size: int, repeats: int, keras_bn: bool,
+                  augment: bool) -> list[float]:
+    cfg = config.load(REPO / "params.yaml")
+    cnn = cfg.cnn
     keras.mixed_precision.set_global_policy(precision or cnn.train.precision)
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (IMAGES, 28, 28, 1), dtype=np.uint8)
     y = keras.utils.to_categorical(rng.integers(0, 10, IMAGES), 10)
-    model = build_cnn_from(cnn, x.shape[1:], 10)
+    augmentation = build_augmentation(cfg.data.augment, cfg.seed, x.shape[1:]) if augment else None
+    model = build_cnn_from(cnn, x.shape[1:], 10, augmentation)
     train = dataclasses.replace(cnn.train, batch_size=batch_size, fused_batch_norm=not keras_bn)
     compile_model(model, train, -(-FULL_SPLIT // train.batch_size))
     model.jit_compile = jit  # compile_model leaves it to Keras: off on a CPU-only machine
@@ -54,11 +59,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--keras-batch-norm", action="store_true",
                         help="Keras' own batch-norm ops, not the fused kernel (train.fused_batch_norm)")
+    parser.add_argument("--augment", action="store_true", help="with the data set's augmentation (data.augment)")
     args = parser.parse_args()
-    times = epoch_seconds(args.precision, args.jit, args.batch_size, args.repeats, args.keras_batch_norm)
+    times = epoch_seconds(args.precision, args.jit, args.batch_size, args.repeats, args.keras_batch_norm,
+                          args.augment)
     policy = keras.mixed_precision.global_policy().name
     norm = "keras" if args.keras_batch_norm else "fused"
-    print(f"{keras.backend.backend()} {policy} jit={args.jit} batch {args.batch_size} batch norm {norm}: "
+    print(f"{keras.backend.backend()} {policy} jit={args.jit} batch {args.batch_size} batch norm {norm}"
+          f"{' augmented' if args.augment else ''}: "
           f"{' '.join(f'{t:.0f}' for t in times)} s per full-split epoch")
 
 
