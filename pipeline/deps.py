@@ -1,13 +1,19 @@
 """The code a stage runs: every module of the `pipeline` package that `pipeline/stages/<stage>.py` imports, directly
-or through other modules, found by reading the source (nothing is imported). DVC's deps of the stage must list
+or through other modules, found by compiling the source (nothing is imported). DVC's deps of the stage must list
 exactly these (tests/test_deps.py), and the stage's resumable state is keyed by their digest, so that neither a
 stale output nor an old run's weights outlive a change of the code that made them.
+
+The imports are read from the compiled bytecode, not from `ast.parse`: CPython 3.11 counts the depth of the AST
+objects that `ast.parse` builds in one counter per interpreter, not per thread, so a parse on another thread at the
+same time fails one of them with "SystemError: AST constructor recursion depth mismatch", and a stage computes its
+digest while its tracking thread imports MLflow (whose pydantic models call `inspect.signature`, which parses).
 """
 
 from __future__ import annotations
 
-import ast
+import dis
 import hashlib
+import types
 from pathlib import Path
 
 PACKAGE = "pipeline"
@@ -64,19 +70,28 @@ def _imported(path: Path, name: str, root: Path) -> list[str]:
     """Names of the modules (of any package) that the module at `path` imports anywhere in its body."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = []
-    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            found += [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = _absolute(node.module, node.level, package)
-            found.append(base)
-            # `from pipeline import tracking` imports the module pipeline/tracking.py
-            found += [f"{base}.{alias.name}" for alias in node.names
-                      if alias.name != "*" and _module_file(f"{base}.{alias.name}", root)]
+    for module, level, names in _import_statements(compile(path.read_bytes(), str(path), "exec", dont_inherit=True)):
+        base = _absolute(module, level, package)
+        found.append(base)
+        # `from pipeline import tracking` imports the module pipeline/tracking.py
+        found += [f"{base}.{alias}" for alias in names if alias != "*" and _module_file(f"{base}.{alias}", root)]
     return found
 
 
-def _absolute(module: str | None, level: int, package: str) -> str:
+def _import_statements(code: types.CodeType):
+    """(module, level, from-names) of every import in `code` and the functions and classes compiled into it: an
+    import compiles to `LOAD_CONST level; LOAD_CONST from-names (None for a plain import); IMPORT_NAME module`."""
+    instructions = list(dis.get_instructions(code))
+    for i, instruction in enumerate(instructions):
+        if instruction.opname == "IMPORT_NAME":
+            level, names = instructions[i - 2].argval, instructions[i - 1].argval
+            yield instruction.argval, level, names or ()
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _import_statements(const)
+
+
+def _absolute(module: str, level: int, package: str) -> str:
     """The absolute name of `from <dots><module> import ...` written in `package`."""
     if level == 0:
         return module or ""

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import copy
+import gc
 import re
+import threading
 
 import pytest
 import yaml
@@ -70,9 +73,51 @@ def test_relative_and_package_imports(tmp_path):
     package = tmp_path / "pipeline"
     for path, text in {"__init__.py": "", "stages/__init__.py": "", "stages/s.py": "from ..sub import a\n",
                        "sub/__init__.py": "from . import b\n", "sub/a.py": "def f():\n    from .c import x\n",
-                       "sub/b.py": "", "sub/c.py": "import os\n", "unused.py": ""}.items():
+                       "sub/b.py": "class B:\n    from . import d\n", "sub/c.py": "import os\n", "sub/d.py": "",
+                       "unused.py": ""}.items():
         (package / path).parent.mkdir(parents=True, exist_ok=True)
         (package / path).write_text(text)
     assert [p.as_posix() for p in deps.stage_modules("s", tmp_path)] == [
         "pipeline/__init__.py", "pipeline/stages/__init__.py", "pipeline/stages/s.py", "pipeline/sub/__init__.py",
-        "pipeline/sub/a.py", "pipeline/sub/b.py", "pipeline/sub/c.py"]
+        "pipeline/sub/a.py", "pipeline/sub/b.py", "pipeline/sub/c.py", "pipeline/sub/d.py"]
+
+
+class _Finalised:
+    """Garbage with Python code in its finaliser, freed by the cyclic collector: where another thread can take the
+    interpreter in the middle of building an AST."""
+
+    def __init__(self):
+        self.me = self
+
+    def __del__(self):
+        pass
+
+
+def test_reading_imports_leaves_a_parse_on_another_thread_alone():
+    """A stage reads its imports while its tracking thread imports MLflow, which parses (`inspect.signature`):
+    CPython 3.11 counts `ast.parse`'s depth per interpreter, so two parses at once failed one of them with
+    SystemError ("AST constructor recursion depth mismatch"). Forced here: collections during the other parse."""
+    source, parsed, errors, stop = (REPO / "pipeline/training.py").read_text(), [], [], threading.Event()
+
+    def parse_with_garbage():
+        while not stop.is_set():
+            garbage = [_Finalised() for _ in range(50)]
+            del garbage
+            try:
+                parsed.append(ast.parse(source) is not None)
+            except SystemError as error:
+                errors.append(error)
+
+    threshold = gc.get_threshold()
+    gc.set_threshold(200)
+    other = threading.Thread(target=parse_with_garbage, daemon=True)
+    other.start()
+    try:
+        while not parsed:  # the other thread is parsing
+            pass
+        deps.stage_modules("transfer")
+    finally:
+        stop.set()
+        other.join()
+        gc.set_threshold(*threshold)
+    assert errors == []
