@@ -62,6 +62,7 @@ migrate: setup ## copy the local store's runs into the server: make migrate [TO=
 	python -m pipeline.migrate $(if $(FROM),--from $(FROM)) $(if $(TO),--to $(TO)) $(EXPERIMENTS)
 
 compare: setup ## two runs side by side: make compare A=cnn B=cnn_aug (run ids or stage names)
+	@test -n "$(A)" -a -n "$(B)" || { echo "make compare: set A and B, run ids or stage names: make compare A=cnn B=cnn_aug" >&2; exit 2; }
 	python -m pipeline.compare $(A) $(B)
 
 reproduce: setup ## run a logged stage run again from its commit and params, and compare: make reproduce RUN=<run id> [TOL=0.01]
