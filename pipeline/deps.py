@@ -14,6 +14,7 @@ from __future__ import annotations
 import dis
 import hashlib
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 PACKAGE = "pipeline"
@@ -78,7 +79,7 @@ def _imported(path: Path, name: str, root: Path) -> list[str]:
     return found
 
 
-def _import_statements(code: types.CodeType):
+def _import_statements(code: types.CodeType) -> Iterator[tuple[str, int, tuple[str, ...]]]:
     """(module, level, from-names) of every import in `code` and the functions and classes compiled into it: an
     import compiles to `LOAD_CONST level; LOAD_CONST from-names (None for a plain import); IMPORT_NAME module`."""
     instructions = list(dis.get_instructions(code))
@@ -94,7 +95,7 @@ def _import_statements(code: types.CodeType):
 def _absolute(module: str, level: int, package: str) -> str:
     """The absolute name of `from <dots><module> import ...` written in `package`."""
     if level == 0:
-        return module or ""
+        return module
     parts = package.split(".")
     base = parts[: len(parts) - (level - 1)]
     return ".".join(base + ([module] if module else []))

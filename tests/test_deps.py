@@ -113,7 +113,7 @@ def test_reading_imports_leaves_a_parse_on_another_thread_alone():
     other = threading.Thread(target=parse_with_garbage, daemon=True)
     other.start()
     try:
-        while not parsed:  # the other thread is parsing
+        while not parsed and other.is_alive():  # until the other thread is parsing
             pass
         deps.stage_modules("transfer")
     finally:
