@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from pipeline import config, search_workers, tracking
+from pipeline import awake, config, search_workers, tracking
 from pipeline.errors import PipelineError, Terminated
 from pipeline.schema import Config
 
@@ -27,8 +27,10 @@ def stage_main(run: Callable[[Config], Any]) -> None:
     try:
         cfg = config.load(overrides=sys.argv[1:])
         freeze_imported_objects()
-        with (tracking.attached(search_workers.parent_run(), cfg) if search_workers.worker_id()
-              else tracking.stage_run(stage_name(run), cfg)):  # a search worker's trials are its chief's stage's
+        worker = search_workers.worker_id()  # a search worker's trials are its chief's stage's, its CPUs too
+        tracked = tracking.attached(search_workers.parent_run(), cfg) if worker else tracking.stage_run(
+            stage_name(run), cfg)
+        with awake.cpus_kept_awake(cfg.keep_cpus_awake and not worker), tracked:
             run(cfg)
     except PipelineError as e:
         log.error("%s", e)

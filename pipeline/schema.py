@@ -203,6 +203,7 @@ class TrackingConfig:
 class Config:
     seed: int = setting(ge=0)
     profile: str = setting(choices=("smoke", "cpu", "gpu"))
+    keep_cpus_awake: bool = setting()  # an idle-priority spinner per CPU while a stage runs (pipeline.awake)
     data: DataConfig = field(default_factory=DataConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     cnn: CnnConfig = field(default_factory=CnnConfig)
