@@ -37,7 +37,7 @@ def test_one_idle_priority_spinner_pinned_to_each_cpu_while_the_block_runs():
     with cpus_kept_awake() as spinners:
         assert len(spinners) == len(cpus)
         pids = [s.pid for s in spinners]
-        for pid, cpu in zip(pids, cpus):
+        for pid, cpu in zip(pids, cpus, strict=True):
             assert wait_for(lambda pid=pid: os.sched_getscheduler(pid) == os.SCHED_IDLE), "not at idle priority"
             assert os.sched_getaffinity(pid) == {cpu}
         assert all(s.poll() is None for s in spinners), "a spinner stopped inside the block"
