@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from pipeline.awake import cpus_kept_awake
@@ -27,8 +28,8 @@ def wait_for(condition, timeout_s: float = 10.0) -> bool:
 def gone(pid: int) -> bool:
     """Exited: no such process, or a zombie its new parent has not reaped yet."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return True
 
 
